@@ -1,0 +1,78 @@
+"""jaxsparse: sparse neural networks in JAX, as optax transformations.
+
+A sparsity method is a pure optax gradient transformation whose state holds a
+mask tree; it composes with any optax optimizer and any Flax model::
+
+  tx = js.sparsify(optax.adamw(1e-3), js.magnitude_pruning(js.gmp(0.9, 0, 1000)))
+  tx = optax.chain(optax.adamw(1e-3), js.magnitude_pruning(0.9))
+"""
+
+from jaxsparse.allocation import ER as ER
+from jaxsparse.allocation import ERK as ERK
+from jaxsparse.allocation import GlobalThreshold as GlobalThreshold
+from jaxsparse.allocation import Uniform as Uniform
+from jaxsparse.allocation import er as er
+from jaxsparse.allocation import erk as erk
+from jaxsparse.allocation import global_threshold as global_threshold
+from jaxsparse.allocation import layer_sparsities as layer_sparsities
+from jaxsparse.allocation import uniform as uniform
+from jaxsparse.masking import apply_masks as apply_masks
+from jaxsparse.masking import default_where as default_where
+from jaxsparse.masking import masks as masks
+from jaxsparse.masking import masks_from_scores as masks_from_scores
+from jaxsparse.masking import resolve_where as resolve_where
+from jaxsparse.methods.pruning import MagnitudePruningState as MagnitudePruningState
+from jaxsparse.methods.pruning import RandomPruningState as RandomPruningState
+from jaxsparse.methods.pruning import (
+  global_magnitude_pruning as global_magnitude_pruning,
+)
+from jaxsparse.methods.pruning import magnitude_pruning as magnitude_pruning
+from jaxsparse.methods.pruning import random_pruning as random_pruning
+from jaxsparse.patterns import NM as NM
+from jaxsparse.patterns import Block as Block
+from jaxsparse.patterns import Channel as Channel
+from jaxsparse.patterns import Pattern as Pattern
+from jaxsparse.patterns import Unstructured as Unstructured
+from jaxsparse.report import LayerRecord as LayerRecord
+from jaxsparse.report import Summary as Summary
+from jaxsparse.report import summary as summary
+from jaxsparse.schedules import gmp as gmp
+from jaxsparse.sparsify import SparsifyState as SparsifyState
+from jaxsparse.sparsify import sparsify as sparsify
+from jaxsparse.threshold import topk_masks as topk_masks
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "ER",
+  "ERK",
+  "NM",
+  "Block",
+  "Channel",
+  "GlobalThreshold",
+  "LayerRecord",
+  "MagnitudePruningState",
+  "Pattern",
+  "RandomPruningState",
+  "SparsifyState",
+  "Summary",
+  "Uniform",
+  "Unstructured",
+  "apply_masks",
+  "default_where",
+  "er",
+  "erk",
+  "global_magnitude_pruning",
+  "global_threshold",
+  "gmp",
+  "layer_sparsities",
+  "magnitude_pruning",
+  "masks",
+  "masks_from_scores",
+  "random_pruning",
+  "resolve_where",
+  "sparsify",
+  "summary",
+  "topk_masks",
+  "uniform",
+]

@@ -1,0 +1,1 @@
+"""Sparsity methods, grouped by family."""

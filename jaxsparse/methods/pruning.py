@@ -1,0 +1,319 @@
+"""Pruning by score: magnitude (one-shot or gradual), global magnitude, random.
+
+Each method keeps a mask per selected param and, at every update step,
+re-selects the highest-scoring entries of the new params ``params + updates``
+at the (scheduled) sparsity; its updates then make ``apply_updates`` zero every
+pruned entry. With ``js.gmp(...)`` as the sparsity this is Zhu & Gupta's
+gradual magnitude pruning.
+
+References:
+  Zhu & Gupta, `To prune, or not to prune: exploring the efficacy of pruning
+  for model compression <https://arxiv.org/abs/1710.01878>`_, 2017.
+  Han et al, `Learning both Weights and Connections for Efficient Neural
+  Networks <https://arxiv.org/abs/1506.02626>`_, 2015.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numbers
+import optax
+from jaxtyping import Array, Int, UInt32
+
+from jaxsparse import allocation as allocation_lib
+from jaxsparse import masking as masks_lib
+from jaxsparse import patterns as patterns_lib
+from jaxsparse import schedules
+from jaxsparse import scores as scores_lib
+from jaxsparse.sparsify import NO_PARAMS
+from jaxsparse.types import MaskTree, Params, ScalarOrSchedule, Selection, Updates
+
+
+class MagnitudePruningState(NamedTuple):
+  """State of :func:`magnitude_pruning` and :func:`global_magnitude_pruning`.
+
+  Attributes:
+    count: int32 scalar, steps taken.
+    masks: the mask tree (bool arrays shaped like the selected params).
+  """
+
+  count: Int[Array, ""]
+  masks: MaskTree
+
+
+class RandomPruningState(NamedTuple):
+  """State of :func:`random_pruning`.
+
+  Attributes:
+    count: int32 scalar, steps taken.
+    key: uint32[2] raw PRNG key data; the random scores derive from it.
+    masks: the mask tree.
+  """
+
+  count: Int[Array, ""]
+  key: UInt32[Array, "2"]
+  masks: MaskTree
+
+
+def _resolve_sparsity(
+  sparsity: ScalarOrSchedule | None,
+  pattern: patterns_lib.Pattern,
+  allocation: allocation_lib.Allocation,
+  probe_steps: tuple[int, ...],
+  name: str,
+) -> ScalarOrSchedule:
+  """Checks the static configuration; returns the sparsity to use."""
+  patterns_lib.check_pattern(pattern)
+  allocation_lib.check_allocation(allocation)
+  if isinstance(pattern, patterns_lib.NM):
+    level = 1 - pattern.n / pattern.m
+    if not isinstance(allocation, allocation_lib.Uniform):
+      raise ValueError(
+        f"{name}: {pattern!r} fixes every layer's sparsity at {level:g}; "
+        f"allocation={allocation!r} cannot redistribute it. Use "
+        "allocation=js.uniform()."
+      )
+    if sparsity is None:
+      return level
+    if isinstance(sparsity, numbers.Real) and round(sparsity * pattern.m) != (
+      pattern.m - pattern.n
+    ):
+      raise ValueError(
+        f"{name}: sparsity={sparsity} does not match {pattern!r}, whose "
+        f"sparsity is {level:g}. Pass sparsity=None (or {level:g}), or a "
+        "schedule that ramps up to it."
+      )
+  elif sparsity is None:
+    raise ValueError(f"{name}: pass a sparsity (a float in [0, 1) or a schedule).")
+  if isinstance(allocation, allocation_lib.GlobalThreshold) and not isinstance(
+    pattern, patterns_lib.Unstructured
+  ):
+    raise ValueError(
+      f"{name}: global_threshold() ranks single entries across layers, so it "
+      f"needs pattern=js.Unstructured(), got {pattern!r}."
+    )
+  schedules.check_scalar_or_schedule(sparsity, probe_steps, f"{name}: sparsity")
+  return sparsity
+
+
+def _score_pruning(
+  name: str,
+  score_fn: Callable[[Params, Any], Any],
+  sparsity: ScalarOrSchedule | None,
+  *,
+  pattern: patterns_lib.Pattern,
+  allocation: allocation_lib.Allocation,
+  where: Selection,
+  update_every: int,
+  begin_step: int,
+  end_step: int | None,
+  seed: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Shared body of the pruning methods: re-select masks from scores."""
+  schedules.check_cadence(update_every, begin_step, end_step)
+  probes = tuple(
+    s for s in (0, begin_step, end_step) if isinstance(s, numbers.Integral)
+  )
+  sparsity = _resolve_sparsity(sparsity, pattern, allocation, probes, name)
+
+  def init_fn(params: Params) -> MagnitudePruningState | RandomPruningState:
+    chosen = masks_lib.resolve_where(where, params, name)
+    for path, leaf, c in zip(
+      masks_lib.leaf_paths(params), jax.tree.leaves(params), jax.tree.leaves(chosen)
+    ):
+      if c:
+        patterns_lib.check_leaf(pattern, jnp.shape(leaf), f"{name}: {path}")
+    masks = masks_lib.init_masks(params, chosen)
+    count = jnp.zeros([], jnp.int32)
+    if seed is None:
+      return MagnitudePruningState(count, masks)
+    key = jax.random.key_data(jax.random.key(seed))
+    return RandomPruningState(count, key, masks)
+
+  def update_fn(
+    updates: Updates,
+    state: MagnitudePruningState | RandomPruningState,
+    params: Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[Updates, MagnitudePruningState | RandomPruningState]:
+    del extra_args
+    if params is None:
+      raise ValueError(NO_PARAMS.format(name=name))
+    target = schedules.value_at(sparsity, state.count)
+
+    def refresh():
+      new_params = jax.tree.map(
+        lambda p, u: (p.astype(jnp.float32) + u.astype(jnp.float32)).astype(
+          p.dtype
+        ),
+        params,
+        updates,
+      )
+      scores = score_fn(new_params, state)
+      scores = jax.tree.map(
+        lambda s, m: None if m is None else s, scores, state.masks
+      )
+      return masks_lib.masks_from_scores(
+        scores, target, pattern=pattern, allocation=allocation
+      )
+
+    masks = jax.lax.cond(
+      schedules.is_update_step(state.count, update_every, begin_step, end_step),
+      refresh,
+      lambda: state.masks,
+    )
+    updates = masks_lib.project_updates(updates, params, masks)
+    return updates, state._replace(
+      count=optax.safe_increment(state.count), masks=masks
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def magnitude_pruning(
+  sparsity: ScalarOrSchedule | None = None,
+  *,
+  pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
+  allocation: allocation_lib.Allocation = allocation_lib.Uniform(),
+  where: Selection = None,
+  update_every: int = 100,
+  begin_step: int = 0,
+  end_step: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Magnitude pruning: keep the largest ``|w|`` at the (scheduled) sparsity.
+
+  At every update step the masks become ``top_k(|params + updates|)`` per
+  pattern unit, with ``k`` from the allocation; between updates they are
+  fixed. With ``sparsity=js.gmp(...)`` this is gradual magnitude pruning
+  (Zhu & Gupta 2017); with a constant it is one-shot magnitude pruning (Han et
+  al 2015) held through training.
+
+  Works as the last link of a chain (``optax.chain(opt, magnitude_pruning(...))``)
+  or inside :func:`jaxsparse.sparsify`.
+
+  Args:
+    sparsity: fraction of zeros in ``[0, 1)``, or an optax schedule of the
+      step count (e.g. :func:`jaxsparse.gmp`). ``None`` with :class:`NM` means
+      the N:M level ``1 - n/m``.
+    pattern: static; :class:`Unstructured`, :class:`NM`, :class:`Block` or
+      :class:`Channel`.
+    allocation: static; :func:`uniform`, :func:`er`, :func:`erk` or
+      :func:`global_threshold`.
+    where: static; which params are sparsified (see
+      :func:`jaxsparse.resolve_where`). Default: weight matrices and conv
+      kernels, not embeddings.
+    update_every: static; steps between mask updates.
+    begin_step: first mask update (masks are all-True before it).
+    end_step: last mask update (always performed); ``None``: no end.
+
+  Returns:
+    An optax transformation with state :class:`MagnitudePruningState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, jaxsparse as js
+    >>> params = {"w": jnp.array([[1.0, -4.0], [3.0, 2.0]])}
+    >>> tx = optax.chain(optax.sgd(0.0), js.magnitude_pruning(0.5))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> optax.apply_updates(params, updates)["w"].tolist()
+    [[0.0, -4.0], [3.0, 0.0]]
+  """
+  return _score_pruning(
+    "magnitude_pruning",
+    lambda params, state: scores_lib.magnitude(params),
+    sparsity,
+    pattern=pattern,
+    allocation=allocation,
+    where=where,
+    update_every=update_every,
+    begin_step=begin_step,
+    end_step=end_step,
+  )
+
+
+def global_magnitude_pruning(
+  sparsity: ScalarOrSchedule,
+  *,
+  pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
+  where: Selection = None,
+  update_every: int = 100,
+  begin_step: int = 0,
+  end_step: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Global magnitude pruning: one ``|w|`` threshold across all layers.
+
+  :func:`magnitude_pruning` with ``allocation=js.global_threshold()``: keeps
+  exactly ``N - round(s N)`` entries over the ``N`` selected weights, the
+  largest by magnitude wherever they are. The threshold is found by an exact
+  bisection on counts, never by sorting a concatenation of every param.
+
+  Args:
+    sparsity: fraction of zeros in ``[0, 1)`` or a schedule.
+    pattern: static; must be :class:`Unstructured`.
+    where: static; which params are sparsified.
+    update_every: static; steps between mask updates.
+    begin_step: first mask update.
+    end_step: last mask update; ``None``: no end.
+
+  Returns:
+    An optax transformation with state :class:`MagnitudePruningState`.
+  """
+  return _score_pruning(
+    "global_magnitude_pruning",
+    lambda params, state: scores_lib.magnitude(params),
+    sparsity,
+    pattern=pattern,
+    allocation=allocation_lib.GlobalThreshold(),
+    where=where,
+    update_every=update_every,
+    begin_step=begin_step,
+    end_step=end_step,
+  )
+
+
+def random_pruning(
+  sparsity: ScalarOrSchedule | None = None,
+  *,
+  seed: int = 0,
+  pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
+  allocation: allocation_lib.Allocation = allocation_lib.Uniform(),
+  where: Selection = None,
+  update_every: int = 100,
+  begin_step: int = 0,
+  end_step: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Random pruning: a static random mask at the (allocated) sparsity.
+
+  Each selected entry gets a uniform random score drawn once from the key in
+  the state (``seed``); masks keep the top scores. The scores never change,
+  so a constant sparsity gives one static mask, and a schedule prunes a
+  nested sequence of random masks. With ``allocation=js.erk()`` this is the
+  static random-ERK baseline of RigL.
+
+  Args:
+    sparsity: fraction of zeros in ``[0, 1)`` or a schedule.
+    seed: the PRNG seed, stored as a key in the state.
+    pattern: static; how entries are grouped.
+    allocation: static; how the target splits over leaves.
+    where: static; which params are sparsified.
+    update_every: static; steps between mask updates.
+    begin_step: first mask update.
+    end_step: last mask update; ``None``: no end.
+
+  Returns:
+    An optax transformation with state :class:`RandomPruningState`.
+  """
+  return _score_pruning(
+    "random_pruning",
+    lambda params, state: scores_lib.random(params, state.key),
+    sparsity,
+    pattern=pattern,
+    allocation=allocation,
+    where=where,
+    update_every=update_every,
+    begin_step=begin_step,
+    end_step=end_step,
+    seed=seed,
+  )

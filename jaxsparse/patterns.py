@@ -1,0 +1,223 @@
+"""Sparsity patterns: which entries of a leaf may be pruned together.
+
+A pattern turns per-entry scores and a sparsity into a mask with an exact
+count:
+
+* :class:`Unstructured`: any entries; ``size - round(s * size)`` are kept.
+* :class:`NM`: in every group of ``m`` consecutive entries along ``axis``,
+  exactly ``n`` are kept (NVIDIA's 2:4 is ``NM(2, 4)``).
+* :class:`Block`: whole ``rows x cols`` tiles of the last two axes, scored by
+  the sum of their entries' scores.
+* :class:`Channel`: whole slices along ``axis`` (output channels by
+  default), scored by the sum over every other axis.
+"""
+
+from typing import NamedTuple, TypeAlias
+
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from jaxsparse import threshold
+
+
+class Unstructured(NamedTuple):
+  """Any entry may be pruned on its own."""
+
+
+class NM(NamedTuple):
+  """``n`` kept entries in every group of ``m`` along ``axis``.
+
+  Flax kernels are ``[..., in, out]``, so the default ``axis=-2`` groups along
+  the reduction (input) dimension, as sparse tensor cores require.
+  """
+
+  n: int
+  m: int
+  axis: int = -2
+
+
+class Block(NamedTuple):
+  """Whole ``rows x cols`` tiles of the last two axes are kept or pruned."""
+
+  rows: int
+  cols: int
+
+
+class Channel(NamedTuple):
+  """Whole slices along ``axis`` (default: output channels) are kept or pruned."""
+
+  axis: int = -1
+
+
+Pattern: TypeAlias = Unstructured | NM | Block | Channel
+PATTERNS = (Unstructured, NM, Block, Channel)
+
+
+def check_pattern(pattern: Pattern) -> None:
+  """Raises ``ValueError`` for a pattern that no leaf could satisfy."""
+  if not isinstance(pattern, PATTERNS):
+    raise ValueError(
+      f"pattern={pattern!r} is not a pattern; use js.Unstructured(), "
+      "js.NM(n, m), js.Block(rows, cols) or js.Channel(axis)."
+    )
+  if isinstance(pattern, NM):
+    if not (isinstance(pattern.n, int) and isinstance(pattern.m, int)):
+      raise ValueError(f"{pattern!r}: n and m must be Python ints.")
+    if not 0 < pattern.n <= pattern.m:
+      raise ValueError(
+        f"{pattern!r}: need 0 < n <= m (n kept out of every m); "
+        f"did you mean NM({pattern.m}, {pattern.n})?"
+      )
+    if pattern.m > 16:
+      raise ValueError(f"{pattern!r}: m must be at most 16.")
+  if isinstance(pattern, Block) and not (pattern.rows > 0 and pattern.cols > 0):
+    raise ValueError(f"{pattern!r}: block rows and cols must be positive.")
+
+
+def check_leaf(pattern: Pattern, shape: tuple[int, ...], path: str) -> None:
+  """Raises ``ValueError`` naming ``path`` if ``shape`` does not fit."""
+  if isinstance(pattern, NM):
+    if len(shape) == 0 or not -len(shape) <= pattern.axis < len(shape):
+      raise ValueError(
+        f"{path}: {pattern!r} groups along axis {pattern.axis}, but the param "
+        f"has shape {shape}; exclude it with `where=` or pick another axis."
+      )
+    size = shape[pattern.axis]
+    if size % pattern.m:
+      raise ValueError(
+        f"{path}: axis {pattern.axis} has size {size}, which {pattern!r} "
+        f"cannot split into groups of {pattern.m}; exclude it with `where=` "
+        "or choose m dividing that size."
+      )
+  elif isinstance(pattern, Block):
+    if len(shape) < 2:
+      raise ValueError(
+        f"{path}: {pattern!r} needs a param with at least 2 axes, got shape "
+        f"{shape}; exclude it with `where=`."
+      )
+    rows, cols = shape[-2:]
+    if rows % pattern.rows or cols % pattern.cols:
+      raise ValueError(
+        f"{path}: shape {shape} is not tiled by {pattern!r} (last two axes "
+        f"{rows}x{cols}); choose a block size dividing them or exclude the "
+        "param with `where=`."
+      )
+  elif isinstance(pattern, Channel):
+    if len(shape) == 0 or not -len(shape) <= pattern.axis < len(shape):
+      raise ValueError(
+        f"{path}: {pattern!r} has no axis {pattern.axis} in shape {shape}; "
+        "exclude the param with `where=`."
+      )
+
+
+def num_kept(size: int, sparsity: Float[ArrayLike, ""]) -> Int[Array, ""]:
+  """Entries kept out of ``size`` at ``sparsity``: ``size - round(s * size)``.
+
+  ``round`` is round-half-to-even, computed in float32.
+  """
+  s = jnp.asarray(sparsity, jnp.float32)
+  return jnp.int32(size) - jnp.round(s * jnp.float32(size)).astype(jnp.int32)
+
+
+def unit_scores(pattern: Pattern, scores: Float[Array, "..."]) -> Array:
+  """Scores of the units the pattern keeps or prunes together."""
+  if isinstance(pattern, Block):
+    *lead, rows, cols = scores.shape
+    tiled = scores.reshape(
+      *lead, rows // pattern.rows, pattern.rows, cols // pattern.cols,
+      pattern.cols,
+    )
+    return tiled.sum(axis=(-3, -1))
+  if isinstance(pattern, Channel):
+    axis = pattern.axis % scores.ndim
+    others = tuple(a for a in range(scores.ndim) if a != axis)
+    return scores.sum(axis=others)
+  return scores
+
+
+def expand_units(
+  pattern: Pattern, keep: Bool[Array, "..."], shape: tuple[int, ...]
+) -> Bool[Array, "..."]:
+  """Inverse of :func:`unit_scores` for masks: one unit back to its entries."""
+  if isinstance(pattern, Block):
+    keep = jnp.repeat(keep, pattern.rows, axis=-2)
+    return jnp.repeat(keep, pattern.cols, axis=-1)
+  if isinstance(pattern, Channel):
+    axis = pattern.axis % len(shape)
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return jnp.broadcast_to(keep.reshape(view), shape)
+  return keep
+
+
+def nm_kept_per_group(pattern: NM, sparsity: Float[ArrayLike, ""]) -> Array:
+  """Entries kept per group: ``clip(m - round(s * m), n, m)``.
+
+  A sparsity at or above the N:M level ``1 - n/m`` keeps exactly ``n``; a
+  smaller one (early in a schedule) keeps more, so a schedule ramps from dense
+  to N:M through k:M masks.
+  """
+  return jnp.clip(num_kept(pattern.m, sparsity), pattern.n, pattern.m)
+
+
+def _group_view(x: Array, pattern: NM) -> Array:
+  moved = jnp.moveaxis(x, pattern.axis, -1)
+  return moved.reshape(*moved.shape[:-1], moved.shape[-1] // pattern.m, pattern.m)
+
+
+def _ungroup(x: Array, pattern: NM, shape: tuple[int, ...]) -> Array:
+  moved_shape = np.moveaxis(np.empty(shape, bool), pattern.axis, -1).shape
+  return jnp.moveaxis(x.reshape(moved_shape), -1, pattern.axis)
+
+
+def nm_select(
+  pattern: NM, scores: Float[Array, "..."], kept: Int[ArrayLike, ""]
+) -> Bool[Array, "..."]:
+  """Keeps the ``kept`` largest scores in every group of ``m`` along the axis.
+
+  Ranks are computed by pairwise comparison inside each group (``m <= 16``),
+  ties going to the lower index, so each group keeps exactly ``kept``.
+  """
+  groups = _group_view(scores, pattern)
+  later = groups[..., None, :]  # [..., i, j] -> score j
+  here = groups[..., :, None]  # [..., i, j] -> score i
+  lower = np.tril(np.ones((pattern.m, pattern.m), bool), -1)
+  lower = jnp.asarray(lower.reshape((1,) * (groups.ndim - 1) + lower.shape))
+  beats = (later > here) | ((later == here) & lower)
+  rank = jnp.sum(beats, axis=-1, dtype=jnp.int32)
+  return _ungroup(rank < kept, pattern, scores.shape)
+
+
+def select(
+  pattern: Pattern, scores: Float[Array, "..."], sparsity: Float[ArrayLike, ""]
+) -> Bool[Array, "..."]:
+  """Mask keeping the highest-scoring units of one leaf at ``sparsity``.
+
+  Exact counts: ``num_kept`` units for :class:`Unstructured`, :class:`Block`
+  and :class:`Channel`; :func:`nm_kept_per_group` per group for :class:`NM`.
+  """
+  scores = jnp.asarray(scores, jnp.float32)
+  if isinstance(pattern, NM):
+    return nm_select(pattern, scores, nm_kept_per_group(pattern, sparsity))
+  units = unit_scores(pattern, scores)
+  (keep,) = threshold.topk_masks([units], num_kept(units.size, sparsity))
+  return expand_units(pattern, keep, scores.shape)
+
+
+def follows(pattern: Pattern, mask: ArrayLike) -> bool:
+  """Whether a concrete mask obeys the pattern (host-side check).
+
+  N:M: every group holds exactly ``n`` kept entries. Block and Channel: every
+  unit is all kept or all pruned. Unstructured: always.
+  """
+  mask = np.asarray(mask, bool)
+  if isinstance(pattern, NM):
+    moved = np.moveaxis(mask, pattern.axis, -1)
+    groups = moved.reshape(*moved.shape[:-1], -1, pattern.m)
+    return bool(np.all(groups.sum(-1) == pattern.n))
+  if isinstance(pattern, (Block, Channel)):
+    units = np.asarray(unit_scores(pattern, jnp.asarray(mask, jnp.float32)))
+    full = np.asarray(unit_scores(pattern, jnp.ones(mask.shape, jnp.float32)))
+    return bool(np.all((units == 0) | (units == full)))
+  return True
