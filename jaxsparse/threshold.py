@@ -23,11 +23,11 @@ def ordered_keys(scores: ArrayLike) -> UInt32[Array, "..."]:
 
   Non-negative floats get their sign bit set; negative floats have every bit
   flipped, so unsigned comparison of keys equals float comparison of scores
-  (-0.0 sorts just below +0.0).
+  (-0.0 is mapped to +0.0 first, so the two zeros tie as floats do).
   """
-  bits = jax.lax.bitcast_convert_type(
-    jnp.asarray(scores, jnp.float32), jnp.uint32
-  )
+  scores = jnp.asarray(scores, jnp.float32)
+  scores = jnp.where(scores == 0, jnp.float32(0), scores)
+  bits = jax.lax.bitcast_convert_type(scores, jnp.uint32)
   negative = (bits & jnp.uint32(_SIGN)) != 0
   return jnp.where(negative, ~bits, bits | jnp.uint32(_SIGN))
 
