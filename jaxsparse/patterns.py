@@ -14,6 +14,7 @@ count:
 
 from typing import NamedTuple, TypeAlias
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
@@ -189,6 +190,15 @@ def nm_select(
   return _ungroup(rank < kept, pattern, scores.shape)
 
 
+def explicit_sharding(x: Array) -> jax.sharding.NamedSharding | None:
+  """The sharding of ``x`` if it is sharded over Explicit mesh axes."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec is None or all(axis is None for axis in spec):
+    return None
+  return sharding
+
+
 def select(
   pattern: Pattern, scores: Float[Array, "..."], sparsity: Float[ArrayLike, ""]
 ) -> Bool[Array, "..."]:
@@ -196,13 +206,31 @@ def select(
 
   Exact counts: ``num_kept`` units for :class:`Unstructured`, :class:`Block`
   and :class:`Channel`; :func:`nm_kept_per_group` per group for :class:`NM`.
+
+  Unstructured selection is local to each shard (only counts are reduced).
+  Structured patterns regroup axes, so a leaf sharded over Explicit mesh axes
+  is gathered on purpose for the (amortised) mask update and the mask is
+  resharded like the leaf.
   """
   scores = jnp.asarray(scores, jnp.float32)
+  if isinstance(pattern, Unstructured):
+    (keep,) = threshold.topk_masks([scores], num_kept(scores.size, sparsity))
+    return keep
+  sharding = explicit_sharding(scores)
+  if sharding is not None:
+    replicated = jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec()
+    )
+    scores = jax.sharding.reshard(scores, replicated)
   if isinstance(pattern, NM):
-    return nm_select(pattern, scores, nm_kept_per_group(pattern, sparsity))
-  units = unit_scores(pattern, scores)
-  (keep,) = threshold.topk_masks([units], num_kept(units.size, sparsity))
-  return expand_units(pattern, keep, scores.shape)
+    mask = nm_select(pattern, scores, nm_kept_per_group(pattern, sparsity))
+  else:
+    units = unit_scores(pattern, scores)
+    (keep,) = threshold.topk_masks([units], num_kept(units.size, sparsity))
+    mask = expand_units(pattern, keep, scores.shape)
+  if sharding is not None:
+    mask = jax.sharding.reshard(mask, sharding)
+  return mask
 
 
 def follows(pattern: Pattern, mask: ArrayLike) -> bool:

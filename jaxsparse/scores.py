@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, UInt32
 
+from jaxsparse.patterns import explicit_sharding
 from jaxsparse.types import Params, Updates
 
 
@@ -25,12 +26,18 @@ def random(params: Params, key: UInt32[Array, "2"]) -> Params:
   """Uniform ``[0, 1)`` scores, one independent stream per leaf.
 
   ``key`` is raw key data; leaf ``i`` uses ``fold_in(key, i)``, so the scores
-  depend on the key and the tree, never on sharding.
+  depend on the key and the tree, never on sharding. Under Explicit mesh
+  axes the scores are sharded like the leaf.
   """
   base = jax.random.wrap_key_data(key)
   leaves, treedef = jax.tree.flatten(params)
   scores = [
-    jax.random.uniform(jax.random.fold_in(base, i), jnp.shape(leaf), jnp.float32)
+    jax.random.uniform(
+      jax.random.fold_in(base, i),
+      jnp.shape(leaf),
+      jnp.float32,
+      out_sharding=explicit_sharding(leaf),
+    )
     for i, leaf in enumerate(leaves)
   ]
   return jax.tree.unflatten(treedef, scores)

@@ -1,0 +1,161 @@
+"""The conformance suite every jaxsparse method passes.
+
+``CONFIGS`` names a factory per method/pattern/allocation combination; the
+tests in ``conformance_test.py`` run each through the invariants of
+DESIGN.md. A new method adds its entries here.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxsparse as js
+
+
+class Config(NamedTuple):
+  make: Callable[[], object]
+  pattern: object = js.Unstructured()
+  allocation: object = js.Uniform()
+  sparsity_at: Callable[[int], float] = lambda count: 0.0
+
+
+def constant(value):
+  return lambda count: value
+
+
+CONFIGS = {
+  "magnitude": Config(
+    lambda: js.magnitude_pruning(0.8, update_every=2), sparsity_at=constant(0.8)
+  ),
+  "magnitude_gmp": Config(
+    lambda: js.magnitude_pruning(js.gmp(0.9, 0, 6), update_every=2),
+    sparsity_at=lambda count: float(js.gmp(0.9, 0, 6)(count)),
+  ),
+  "magnitude_nm": Config(
+    lambda: js.magnitude_pruning(pattern=js.NM(2, 4), update_every=3),
+    pattern=js.NM(2, 4),
+    sparsity_at=constant(0.5),
+  ),
+  "magnitude_block": Config(
+    lambda: js.magnitude_pruning(0.75, pattern=js.Block(4, 4), update_every=2),
+    pattern=js.Block(4, 4),
+    sparsity_at=constant(0.75),
+  ),
+  "magnitude_channel": Config(
+    lambda: js.magnitude_pruning(0.5, pattern=js.Channel(), update_every=2),
+    pattern=js.Channel(),
+    sparsity_at=constant(0.5),
+  ),
+  "magnitude_erk": Config(
+    lambda: js.magnitude_pruning(0.9, allocation=js.erk(), update_every=2),
+    allocation=js.erk(),
+    sparsity_at=constant(0.9),
+  ),
+  "global_magnitude": Config(
+    lambda: js.global_magnitude_pruning(0.85, update_every=2),
+    allocation=js.GlobalThreshold(),
+    sparsity_at=constant(0.85),
+  ),
+  "random": Config(
+    lambda: js.random_pruning(0.7, seed=3, update_every=2),
+    sparsity_at=constant(0.7),
+  ),
+  "random_erk": Config(
+    lambda: js.random_pruning(0.9, allocation=js.erk(), update_every=2),
+    allocation=js.erk(),
+    sparsity_at=constant(0.9),
+  ),
+}
+
+
+def make_params(dtype=jnp.float32, seed=0):
+  """A small model: two dense layers, a conv kernel, biases, an embedding."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)
+  return {
+    "conv": {"kernel": normal(keys[0], (3, 3, 4, 8)), "bias": jnp.zeros(8, dtype)},
+    "dense0": {"kernel": normal(keys[1], (16, 32)), "bias": jnp.zeros(32, dtype)},
+    "dense1": {"kernel": normal(keys[2], (32, 8)), "bias": jnp.zeros(8, dtype)},
+    "embed": {"embedding": normal(keys[3], (10, 16))},
+  }
+
+
+def fake_grads(params, step):
+  key = jax.random.fold_in(jax.random.key(42), step)
+  leaves, treedef = jax.tree.flatten(params)
+  grads = [
+    jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32).astype(
+      leaf.dtype
+    )
+    for i, leaf in enumerate(leaves)
+  ]
+  return jax.tree.unflatten(treedef, grads)
+
+
+def run(tx, params, steps, step_fn=None):
+  """Runs ``steps`` updates with fake gradients; yields (count, params, state)."""
+  state = tx.init(params)
+  if step_fn is None:
+    step_fn = lambda g, s, p: tx.update(g, s, p)
+  for count in range(steps):
+    updates, state = step_fn(fake_grads(params, count), state, params)
+    params = jax.tree.map(
+      lambda p, u: (p.astype(jnp.float32) + u.astype(jnp.float32)).astype(p.dtype),
+      params,
+      updates,
+    )
+    yield count, params, state
+
+
+def expected_counts(config, params, masks, count):
+  """Kept entries per masked leaf (or in total, for global allocation)."""
+  from jaxsparse import patterns
+
+  sparsity = config.sparsity_at(count)
+  leaves = [
+    (p, m)
+    for p, m in zip(jax.tree.leaves(params), _mask_leaves(params, masks))
+    if m is not None
+  ]
+  sizes = [p.size for p, _ in leaves]
+  if isinstance(config.allocation, js.GlobalThreshold):
+    return [sum(sizes) - int(np.round(np.float32(sparsity) * np.float32(sum(sizes))))]
+  per_leaf = js.layer_sparsities(
+    config.allocation, [p.shape for p, _ in leaves], sparsity
+  )
+  out = []
+  for (p, _), s in zip(leaves, per_leaf):
+    pattern = config.pattern
+    if isinstance(pattern, js.NM):
+      kept = int(patterns.nm_kept_per_group(pattern, s))
+      out.append(p.size // pattern.m * kept)
+    else:
+      unit = p.size // patterns.unit_scores(pattern, jnp.zeros(p.shape)).size
+      out.append(int(patterns.num_kept(p.size // unit, s)) * unit)
+  return out
+
+
+def _mask_leaves(params, masks):
+  out = []
+  jax.tree.map(lambda _, m: out.append(m), params, masks)
+  return out
+
+
+def kept_counts(params, masks, global_count):
+  counts = [int(np.asarray(m).sum()) for m in jax.tree.leaves(masks)]
+  return [sum(counts)] if global_count else counts
+
+
+def assert_pruned_are_zero(testcase, params, masks):
+  for p, m in zip(jax.tree.leaves(params), _mask_leaves(params, masks)):
+    if m is None:
+      continue
+    p = np.asarray(p)
+    bits = p.view(np.uint16 if p.dtype.itemsize == 2 else np.uint32)
+    pruned_bits = bits[~np.asarray(m)]
+    testcase.assertTrue(
+      np.all(pruned_bits == 0), "a pruned weight is not bitwise +0.0"
+    )
