@@ -7,6 +7,7 @@ paths, shapes and dtypes; the *mask* (which entries are kept) is dynamic state.
 """
 
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -257,9 +258,14 @@ def _has_masks(node: Any) -> bool:
   )
 
 
+def _is_nnx_variable(node: Any) -> bool:
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(node, nnx.Variable)
+
+
 def _unwrap(leaf: Any) -> Any:
-  # flax.nnx.Optimizer wraps state arrays in OptVariable containers.
-  return getattr(leaf, "value", leaf) if leaf is not None else None
+  # flax.nnx.Optimizer wraps every state leaf (None too) in an OptVariable.
+  return leaf.get_value() if _is_nnx_variable(leaf) else leaf
 
 
 def masks(opt_state: PyTree) -> MaskTree:
@@ -284,7 +290,10 @@ def masks(opt_state: PyTree) -> MaskTree:
       "opt_state; build the optimizer with js.sparsify(...) or chain a "
       "jaxsparse method."
     )
-  trees = [jax.tree.map(_unwrap, node.masks) for node in found]
+  trees = [
+    jax.tree.map(_unwrap, node.masks, is_leaf=_is_nnx_variable)
+    for node in found
+  ]
   if len(trees) == 1:
     return trees[0]
 
