@@ -3,7 +3,8 @@
 A sparsity method is a pure optax gradient transformation whose state holds a
 mask tree; it composes with any optax optimizer and any Flax model::
 
-  tx = js.sparsify(optax.adamw(1e-3), js.magnitude_pruning(js.gmp(0.9, 0, 1000)))
+  pruning = js.magnitude_pruning(js.gmp(0.9, 0, 1000))
+  tx = js.sparsify(optax.adamw(1e-3), pruning)
   tx = optax.chain(optax.adamw(1e-3), js.magnitude_pruning(0.9))
 """
 
@@ -21,7 +22,9 @@ from jaxsparse.masking import default_where as default_where
 from jaxsparse.masking import masks as masks
 from jaxsparse.masking import masks_from_scores as masks_from_scores
 from jaxsparse.masking import resolve_where as resolve_where
-from jaxsparse.methods.pruning import MagnitudePruningState as MagnitudePruningState
+from jaxsparse.methods.pruning import (
+  MagnitudePruningState as MagnitudePruningState,
+)
 from jaxsparse.methods.pruning import RandomPruningState as RandomPruningState
 from jaxsparse.methods.pruning import (
   global_magnitude_pruning as global_magnitude_pruning,

@@ -29,23 +29,41 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from jaxsparse.patterns import typed_eq, typed_hash, typed_ne
+
 
 class Uniform(NamedTuple):
   """Every leaf gets the same sparsity."""
+
+  __eq__ = typed_eq
+  __ne__ = typed_ne
+  __hash__ = typed_hash
 
 
 class ER(NamedTuple):
   """Erdős–Rényi: density proportional to ``(n_in + n_out) / (n_in n_out)``."""
 
+  __eq__ = typed_eq
+  __ne__ = typed_ne
+  __hash__ = typed_hash
+
 
 class ERK(NamedTuple):
-  """Erdős–Rényi-Kernel: density proportional to ``(sum dims / prod dims)**power``."""
+  """Erdős–Rényi-Kernel: density proportional to ``(sum/prod dims)**power``."""
 
   power: float = 1.0
+
+  __eq__ = typed_eq
+  __ne__ = typed_ne
+  __hash__ = typed_hash
 
 
 class GlobalThreshold(NamedTuple):
   """One threshold over every selected leaf; exact total count."""
+
+  __eq__ = typed_eq
+  __ne__ = typed_ne
+  __hash__ = typed_hash
 
 
 Allocation: TypeAlias = Uniform | ER | ERK | GlobalThreshold
@@ -143,9 +161,9 @@ def layer_sparsities(
   rank = np.empty(len(shapes), np.int32)
   rank[order] = np.arange(len(shapes))
   sparsities = []
-  for l in range(len(shapes)):
+  for leaf in range(len(shapes)):
     density = jnp.where(
-      int(rank[l]) < j, 1.0, jnp.clip(eps_j * float(raw[l]), 0.0, 1.0)
+      int(rank[leaf]) < j, 1.0, jnp.clip(eps_j * float(raw[leaf]), 0.0, 1.0)
     )
     sparsities.append((1 - density).astype(jnp.float32))
   return sparsities

@@ -202,7 +202,9 @@ def mask_gradients(grads: Updates, masks: MaskTree) -> Updates:
   )
 
 
-def project_updates(updates: Updates, params: Params, masks: MaskTree) -> Updates:
+def project_updates(
+  updates: Updates, params: Params, masks: MaskTree
+) -> Updates:
   """Updates with ``params + updates == 0`` wherever a mask is False.
 
   Pruned entries get the update ``-params`` (exact in any float dtype), so
@@ -244,7 +246,8 @@ def masks_from_scores(
     shapes = [leaf.shape for leaf in selected]
     per_leaf = allocation_lib.layer_sparsities(allocation, shapes, sparsity)
     new = [
-      patterns_lib.select(pattern, leaf, s) for leaf, s in zip(selected, per_leaf)
+      patterns_lib.select(pattern, leaf, s)
+      for leaf, s in zip(selected, per_leaf)
     ]
   out: list[Array | None] = [None] * len(leaves)
   for i, mask in zip(chosen, new):
@@ -253,8 +256,10 @@ def masks_from_scores(
 
 
 def _has_masks(node: Any) -> bool:
-  return isinstance(node, tuple) and hasattr(node, "_fields") and (
-    "masks" in node._fields
+  return (
+    isinstance(node, tuple)
+    and hasattr(node, "_fields")
+    and ("masks" in node._fields)
   )
 
 
@@ -312,4 +317,6 @@ def masks(opt_state: PyTree) -> MaskTree:
 def density(masks: MaskTree) -> float:
   """Fraction of kept entries over all masked leaves (host-side)."""
   leaves = [np.asarray(m) for m in jax.tree.leaves(masks)]
-  return float(sum(m.sum() for m in leaves) / max(sum(m.size for m in leaves), 1))
+  return float(
+    sum(m.sum() for m in leaves) / max(sum(m.size for m in leaves), 1)
+  )

@@ -22,8 +22,25 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from jaxsparse import threshold
 
 
+def typed_eq(self: tuple, other: object) -> bool:
+  """Tuple equality that also compares types: ``NM(2, 4) != Block(2, 4)``."""
+  return type(self) is type(other) and tuple.__eq__(self, other)
+
+
+def typed_ne(self: tuple, other: object) -> bool:
+  return not typed_eq(self, other)
+
+
+def typed_hash(self: tuple) -> int:
+  return hash((type(self).__qualname__, tuple(self)))
+
+
 class Unstructured(NamedTuple):
   """Any entry may be pruned on its own."""
+
+  __eq__ = typed_eq
+  __ne__ = typed_ne
+  __hash__ = typed_hash
 
 
 class NM(NamedTuple):
@@ -37,6 +54,10 @@ class NM(NamedTuple):
   m: int
   axis: int = -2
 
+  __eq__ = typed_eq
+  __ne__ = typed_ne
+  __hash__ = typed_hash
+
 
 class Block(NamedTuple):
   """Whole ``rows x cols`` tiles of the last two axes are kept or pruned."""
@@ -44,11 +65,19 @@ class Block(NamedTuple):
   rows: int
   cols: int
 
+  __eq__ = typed_eq
+  __ne__ = typed_ne
+  __hash__ = typed_hash
+
 
 class Channel(NamedTuple):
-  """Whole slices along ``axis`` (default: output channels) are kept or pruned."""
+  """Whole slices along ``axis`` (default: output channels) kept or pruned."""
 
   axis: int = -1
+
+  __eq__ = typed_eq
+  __ne__ = typed_ne
+  __hash__ = typed_hash
 
 
 Pattern: TypeAlias = Unstructured | NM | Block | Channel
@@ -126,7 +155,10 @@ def unit_scores(pattern: Pattern, scores: Float[Array, "..."]) -> Array:
   if isinstance(pattern, Block):
     *lead, rows, cols = scores.shape
     tiled = scores.reshape(
-      *lead, rows // pattern.rows, pattern.rows, cols // pattern.cols,
+      *lead,
+      rows // pattern.rows,
+      pattern.rows,
+      cols // pattern.cols,
       pattern.cols,
     )
     return tiled.sum(axis=(-3, -1))
@@ -164,7 +196,9 @@ def nm_kept_per_group(pattern: NM, sparsity: Float[ArrayLike, ""]) -> Array:
 
 def _group_view(x: Array, pattern: NM) -> Array:
   moved = jnp.moveaxis(x, pattern.axis, -1)
-  return moved.reshape(*moved.shape[:-1], moved.shape[-1] // pattern.m, pattern.m)
+  return moved.reshape(
+    *moved.shape[:-1], moved.shape[-1] // pattern.m, pattern.m
+  )
 
 
 def _ungroup(x: Array, pattern: NM, shape: tuple[int, ...]) -> Array:

@@ -70,10 +70,14 @@ def _table(records: list[LayerRecord]) -> str:
       "ok" if all(r.pattern_ok for r in records) else "FAIL",
     )
   )
-  widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+  widths = [
+    max(len(row[i]) for row in [header, *rows]) for i in range(len(header))
+  ]
   line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
   rule = "  ".join("-" * w for w in widths)
-  return "\n".join([line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1])])
+  return "\n".join(
+    [line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1])]
+  )
 
 
 def summary(
@@ -107,7 +111,9 @@ def summary(
     nnz = int(np.count_nonzero(p))
     if m is None:
       records.append(
-        LayerRecord(masks_lib.path_str(path), p.shape, "dense", 1.0, nnz, p.size, True)
+        LayerRecord(
+          masks_lib.path_str(path), p.shape, "dense", 1.0, nnz, p.size, True
+        )
       )
       continue
     m = np.asarray(jax.device_get(m), bool)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from jaxsparse.types import ScalarOrSchedule, Schedule
+from jaxsparse.types import ScalarOrSchedule, Schedule, Step
 
 
 def check_sparsity(value: float, name: str = "sparsity") -> None:
@@ -83,10 +83,14 @@ def check_scalar_or_schedule(
     check_sparsity(value, name)
   elif callable(value):
     for step in probe_steps:
-      check_sparsity(float(value(jnp.asarray(step, jnp.int32))), f"{name}({step})")
+      check_sparsity(
+        float(value(jnp.asarray(step, jnp.int32))), f"{name}({step})"
+      )
 
 
-def value_at(value: ScalarOrSchedule, count: Int[ArrayLike, ""]) -> Float[Array, ""]:
+def value_at(
+  value: ScalarOrSchedule, count: Int[ArrayLike, ""]
+) -> Float[Array, ""]:
   """A constant or a schedule's value at ``count``, as float32."""
   if callable(value):
     value = value(count)
@@ -94,10 +98,10 @@ def value_at(value: ScalarOrSchedule, count: Int[ArrayLike, ""]) -> Float[Array,
 
 
 def is_update_step(
-  count: Int[ArrayLike, ""],
-  update_every: int | Int[ArrayLike, ""],
-  begin_step: int | Int[ArrayLike, ""],
-  end_step: int | Int[ArrayLike, ""] | None,
+  count: Step,
+  update_every: Step,
+  begin_step: Step,
+  end_step: Step | None,
 ) -> Bool[Array, ""]:
   """Whether masks are recomputed at step ``count``.
 
@@ -114,7 +118,9 @@ def is_update_step(
   return (update & (count <= end)) | (count == end)
 
 
-def check_cadence(update_every: int, begin_step: int, end_step: int | None) -> None:
+def check_cadence(
+  update_every: Step, begin_step: Step, end_step: Step | None
+) -> None:
   """Raises ``ValueError`` for a cadence that never or wrongly updates."""
   if isinstance(update_every, numbers.Integral) and update_every < 1:
     raise ValueError(f"update_every={update_every} must be a positive int.")

@@ -118,4 +118,6 @@ def topk_masks(
   tie_counts = jnp.stack([_count(tie) for tie in ties])
   before = jnp.cumsum(tie_counts) - tie_counts
   take = jnp.clip(needed - before, 0, tie_counts)
-  return [a | first_n(tie, take[i]) for i, (a, tie) in enumerate(zip(above, ties))]
+  return [
+    a | first_n(tie, take[i]) for i, (a, tie) in enumerate(zip(above, ties))
+  ]

@@ -4,7 +4,7 @@ from collections.abc import Callable
 from typing import TypeAlias
 
 import optax
-from jaxtyping import Array, ArrayLike, Bool, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Int, PyTree
 
 Params: TypeAlias = PyTree[ArrayLike]
 """A pytree of parameter arrays (linen dict, ``nnx.State``, Equinox...)."""
@@ -26,3 +26,6 @@ PathPredicate: TypeAlias = Callable[[str, ArrayLike], bool]
 
 Selection: TypeAlias = None | str | PathPredicate | PyTree[bool]
 """Which params a method sparsifies (see :func:`jaxsparse.resolve_where`)."""
+
+Step: TypeAlias = int | Int[ArrayLike, ""]
+"""A step count; traced when ``optax.inject_hyperparams`` injects it."""

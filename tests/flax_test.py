@@ -58,16 +58,18 @@ class FlaxTest(absltest.TestCase):
 
     @jax.jit
     def step(state, x, y):
-      grads = jax.grad(
-        lambda p: loss(state.apply_fn({"params": p}, x), y)
-      )(state.params)
+      grads = jax.grad(lambda p: loss(state.apply_fn({"params": p}, x), y))(
+        state.params
+      )
       return state.apply_gradients(grads=grads)
 
     for t in range(6):
       state = step(state, *batch(t))
       masks = js.masks(state.opt_state)
       for layer in ("Dense_0", "Dense_1"):
-        assert_masked(self, state.params[layer]["kernel"], masks[layer]["kernel"])
+        assert_masked(
+          self, state.params[layer]["kernel"], masks[layer]["kernel"]
+        )
     kernel_mask = masks["Dense_0"]["kernel"]
     self.assertEqual(int(kernel_mask.sum()), kernel_mask.size // 4)
 

@@ -61,7 +61,9 @@ class WhereTest(parameterized.TestCase):
     self.assertEqual(chosen_paths(where, self.linen), ["Dense_0/kernel"])
 
   def test_regex_predicate_and_tree(self):
-    self.assertEqual(chosen_paths(r"out/", self.nnx), ["out/bias", "out/kernel"])
+    self.assertEqual(
+      chosen_paths(r"out/", self.nnx), ["out/bias", "out/kernel"]
+    )
     self.assertEqual(
       chosen_paths(lambda path, leaf: leaf.shape == (16, 4), self.linen),
       ["Dense_1/kernel"],
@@ -99,9 +101,13 @@ class MasksTest(parameterized.TestCase):
     masks = {"a": jnp.array([[True, False], [False, True]]), "b": None}
     out = js.apply_masks(params, masks)
     np.testing.assert_array_equal(np.asarray(out["a"]), [[1, 0], [0, 1]])
-    with self.assertRaisesRegex(ValueError, r"a: mask shape \(2,\) does not fit"):
+    with self.assertRaisesRegex(
+      ValueError, r"a: mask shape \(2,\) does not fit"
+    ):
       js.apply_masks(params, {"a": jnp.ones(2, bool), "b": None})
-    with self.assertRaisesRegex(ValueError, "does not have the params' structure"):
+    with self.assertRaisesRegex(
+      ValueError, "does not have the params' structure"
+    ):
       js.apply_masks(params, {"a": None})
 
   def test_projection_is_exact_in_bfloat16(self):

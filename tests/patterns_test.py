@@ -37,14 +37,18 @@ class SelectTest(parameterized.TestCase):
 
   @given(
     data=st.data(),
-    nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (5, 16)]),
+    nm=st.sampled_from(
+      [(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (5, 16)]
+    ),
   )
   def test_nm_every_group_exact(self, data, nm):
     n, m = nm
     rows = m * data.draw(st.integers(1, 4))
     cols = data.draw(st.integers(1, 5))
     scores = data.draw(
-      hnp.arrays(np.float32, (rows, cols), elements=st.sampled_from([0.0, 1.0, 2.0]))
+      hnp.arrays(
+        np.float32, (rows, cols), elements=st.sampled_from([0.0, 1.0, 2.0])
+      )
     )
     pattern = js.NM(n, m)
     mask = np.asarray(patterns.select(pattern, jnp.asarray(scores), 1 - n / m))
@@ -59,7 +63,9 @@ class SelectTest(parameterized.TestCase):
 
   def test_nm_other_axis_and_conv(self):
     scores = jax.random.normal(jax.random.key(0), (3, 3, 16, 8))
-    mask = np.asarray(patterns.select(js.NM(2, 4, axis=-1), jnp.abs(scores), 0.5))
+    mask = np.asarray(
+      patterns.select(js.NM(2, 4, axis=-1), jnp.abs(scores), 0.5)
+    )
     np.testing.assert_array_equal(mask.reshape(3, 3, 16, 2, 4).sum(-1), 2)
 
   def test_nm_ramp_keeps_more_before_level(self):
@@ -114,13 +120,25 @@ class SelectTest(parameterized.TestCase):
       np.testing.assert_array_equal(np.asarray(mask), np.asarray(again))
 
 
+class PatternValueTest(absltest.TestCase):
+  def test_equality_and_hash_include_type(self):
+    self.assertNotEqual(js.NM(2, 4), js.Block(2, 4))
+    self.assertNotEqual(js.Unstructured(), js.uniform())
+    self.assertNotEqual(js.uniform(), js.global_threshold())
+    self.assertEqual(js.NM(2, 4), js.NM(2, 4, axis=-2))
+    self.assertLen({js.Unstructured(), js.Uniform(), js.GlobalThreshold()}, 3)
+    self.assertEqual(hash(js.erk()), hash(js.erk(1.0)))
+
+
 class PatternErrorTest(parameterized.TestCase):
   def test_n_greater_than_m(self):
     with self.assertRaisesRegex(ValueError, r"0 < n <= m.*NM\(2, 4\)"):
       patterns.check_pattern(js.NM(4, 2))
 
   def test_m_not_dividing_axis(self):
-    with self.assertRaisesRegex(ValueError, r"layer/kernel: axis -2 has size 6"):
+    with self.assertRaisesRegex(
+      ValueError, r"layer/kernel: axis -2 has size 6"
+    ):
       patterns.check_leaf(js.NM(2, 4), (6, 8), "layer/kernel")
 
   def test_block_not_dividing(self):

@@ -23,9 +23,14 @@ class SummaryTest(absltest.TestCase):
 
   def test_check_fails_on_bad_pattern_or_nonzero_pruned(self):
     w = jnp.ones((4, 2))
-    bad_nm = {"w": jnp.asarray(np.array([[1, 1], [1, 0], [0, 0], [0, 0]], bool))}
-    self.assertFalse(js.summary({"w": w * bad_nm["w"]}, bad_nm, js.NM(2, 4))
-                     .records[0].pattern_ok)
+    bad_nm = {
+      "w": jnp.asarray(np.array([[1, 1], [1, 0], [0, 0], [0, 0]], bool))
+    }
+    self.assertFalse(
+      js.summary({"w": w * bad_nm["w"]}, bad_nm, js.NM(2, 4))
+      .records[0]
+      .pattern_ok
+    )
     mask = {"w": jnp.asarray(np.eye(4, 2, dtype=bool))}
     self.assertFalse(js.summary({"w": w}, mask).records[0].pattern_ok)
     self.assertIn("FAIL", js.summary({"w": w}, mask).text)

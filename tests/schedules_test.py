@@ -18,7 +18,9 @@ class GmpTest(parameterized.TestCase):
 
   @parameterized.parameters(1.0, -0.1, 1.5)
   def test_bad_sparsity(self, value):
-    with self.assertRaisesRegex(ValueError, r"final_sparsity=.* outside \[0, 1\)"):
+    with self.assertRaisesRegex(
+      ValueError, r"final_sparsity=.* outside \[0, 1\)"
+    ):
       js.gmp(value, 0, 10)
 
   def test_bad_steps(self):

@@ -31,7 +31,9 @@ class ThresholdTest(parameterized.TestCase):
     )
     keys = np.asarray(threshold.ordered_keys(values))
     self.assertTrue(np.all(np.diff(keys.astype(np.int64)) > 0))
-    zeros = np.asarray(threshold.ordered_keys(np.array([-0.0, 0.0], np.float32)))
+    zeros = np.asarray(
+      threshold.ordered_keys(np.array([-0.0, 0.0], np.float32))
+    )
     self.assertEqual(zeros[0], zeros[1])
 
   @given(
@@ -65,7 +67,9 @@ class ThresholdTest(parameterized.TestCase):
   def test_matches_sort_random_values(self, array, fraction):
     k = int(round(fraction * array.size))
     (got,) = jax.jit(threshold.topk_masks)([jnp.asarray(array)], k)
-    np.testing.assert_array_equal(np.asarray(got), reference_topk([array], k)[0])
+    np.testing.assert_array_equal(
+      np.asarray(got), reference_topk([array], k)[0]
+    )
 
   def test_k_is_traced_without_retrace(self):
     x = jax.random.normal(jax.random.key(0), (64, 32))

@@ -13,12 +13,12 @@ References:
   Networks <https://arxiv.org/abs/1506.02626>`_, 2015.
 """
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numbers
 import optax
 from jaxtyping import Array, Int, UInt32
 
@@ -28,7 +28,14 @@ from jaxsparse import patterns as patterns_lib
 from jaxsparse import schedules
 from jaxsparse import scores as scores_lib
 from jaxsparse.sparsify import NO_PARAMS
-from jaxsparse.types import MaskTree, Params, ScalarOrSchedule, Selection, Updates
+from jaxsparse.types import (
+  MaskTree,
+  Params,
+  ScalarOrSchedule,
+  Selection,
+  Step,
+  Updates,
+)
 
 
 class MagnitudePruningState(NamedTuple):
@@ -86,7 +93,9 @@ def _resolve_sparsity(
         "schedule that ramps up to it."
       )
   elif sparsity is None:
-    raise ValueError(f"{name}: pass a sparsity (a float in [0, 1) or a schedule).")
+    raise ValueError(
+      f"{name}: pass a sparsity (a float in [0, 1) or a schedule)."
+    )
   if isinstance(allocation, allocation_lib.GlobalThreshold) and not isinstance(
     pattern, patterns_lib.Unstructured
   ):
@@ -106,9 +115,9 @@ def _score_pruning(
   pattern: patterns_lib.Pattern,
   allocation: allocation_lib.Allocation,
   where: Selection,
-  update_every: int,
-  begin_step: int,
-  end_step: int | None,
+  update_every: Step,
+  begin_step: Step,
+  end_step: Step | None,
   seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Shared body of the pruning methods: re-select masks from scores."""
@@ -121,7 +130,9 @@ def _score_pruning(
   def init_fn(params: Params) -> MagnitudePruningState | RandomPruningState:
     chosen = masks_lib.resolve_where(where, params, name)
     for path, leaf, c in zip(
-      masks_lib.leaf_paths(params), jax.tree.leaves(params), jax.tree.leaves(chosen)
+      masks_lib.leaf_paths(params),
+      jax.tree.leaves(params),
+      jax.tree.leaves(chosen),
     ):
       if c:
         patterns_lib.check_leaf(pattern, jnp.shape(leaf), f"{name}: {path}")
@@ -178,9 +189,9 @@ def magnitude_pruning(
   pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
   allocation: allocation_lib.Allocation = allocation_lib.Uniform(),
   where: Selection = None,
-  update_every: int = 100,
-  begin_step: int = 0,
-  end_step: int | None = None,
+  update_every: Step = 100,
+  begin_step: Step = 0,
+  end_step: Step | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Magnitude pruning: keep the largest ``|w|`` at the (scheduled) sparsity.
 
@@ -190,7 +201,7 @@ def magnitude_pruning(
   (Zhu & Gupta 2017); with a constant it is one-shot magnitude pruning (Han et
   al 2015) held through training.
 
-  Works as the last link of a chain (``optax.chain(opt, magnitude_pruning(...))``)
+  Works as the last link of a chain, ``optax.chain(opt, magnitude_pruning(s))``,
   or inside :func:`jaxsparse.sparsify`.
 
   Args:
@@ -238,9 +249,9 @@ def global_magnitude_pruning(
   *,
   pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
   where: Selection = None,
-  update_every: int = 100,
-  begin_step: int = 0,
-  end_step: int | None = None,
+  update_every: Step = 100,
+  begin_step: Step = 0,
+  end_step: Step | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Global magnitude pruning: one ``|w|`` threshold across all layers.
 
@@ -280,9 +291,9 @@ def random_pruning(
   pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
   allocation: allocation_lib.Allocation = allocation_lib.Uniform(),
   where: Selection = None,
-  update_every: int = 100,
-  begin_step: int = 0,
-  end_step: int | None = None,
+  update_every: Step = 100,
+  begin_step: Step = 0,
+  end_step: Step | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Random pruning: a static random mask at the (allocated) sparsity.
 

@@ -74,10 +74,18 @@ CONFIGS = {
 def make_params(dtype=jnp.float32, seed=0):
   """A small model: two dense layers, a conv kernel, biases, an embedding."""
   keys = jax.random.split(jax.random.key(seed), 4)
-  normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)
+  normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(
+    dtype
+  )
   return {
-    "conv": {"kernel": normal(keys[0], (3, 3, 4, 8)), "bias": jnp.zeros(8, dtype)},
-    "dense0": {"kernel": normal(keys[1], (16, 32)), "bias": jnp.zeros(32, dtype)},
+    "conv": {
+      "kernel": normal(keys[0], (3, 3, 4, 8)),
+      "bias": jnp.zeros(8, dtype),
+    },
+    "dense0": {
+      "kernel": normal(keys[1], (16, 32)),
+      "bias": jnp.zeros(32, dtype),
+    },
     "dense1": {"kernel": normal(keys[2], (32, 8)), "bias": jnp.zeros(8, dtype)},
     "embed": {"embedding": normal(keys[3], (10, 16))},
   }
@@ -87,23 +95,25 @@ def fake_grads(params, step):
   key = jax.random.fold_in(jax.random.key(42), step)
   leaves, treedef = jax.tree.flatten(params)
   grads = [
-    jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32).astype(
-      leaf.dtype
-    )
+    jax.random.normal(
+      jax.random.fold_in(key, i), leaf.shape, jnp.float32
+    ).astype(leaf.dtype)
     for i, leaf in enumerate(leaves)
   ]
   return jax.tree.unflatten(treedef, grads)
 
 
 def run(tx, params, steps, step_fn=None):
-  """Runs ``steps`` updates with fake gradients; yields (count, params, state)."""
+  """Runs ``steps`` fake-gradient updates, yielding (count, params, state)."""
   state = tx.init(params)
   if step_fn is None:
     step_fn = lambda g, s, p: tx.update(g, s, p)
   for count in range(steps):
     updates, state = step_fn(fake_grads(params, count), state, params)
     params = jax.tree.map(
-      lambda p, u: (p.astype(jnp.float32) + u.astype(jnp.float32)).astype(p.dtype),
+      lambda p, u: (p.astype(jnp.float32) + u.astype(jnp.float32)).astype(
+        p.dtype
+      ),
       params,
       updates,
     )
@@ -122,7 +132,9 @@ def expected_counts(config, params, masks, count):
   ]
   sizes = [p.size for p, _ in leaves]
   if isinstance(config.allocation, js.GlobalThreshold):
-    return [sum(sizes) - int(np.round(np.float32(sparsity) * np.float32(sum(sizes))))]
+    return [
+      sum(sizes) - int(np.round(np.float32(sparsity) * np.float32(sum(sizes))))
+    ]
   per_leaf = js.layer_sparsities(
     config.allocation, [p.shape for p, _ in leaves], sparsity
   )

@@ -3,7 +3,6 @@
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl.testing import absltest, parameterized
 from jax.sharding import NamedSharding
@@ -35,16 +34,18 @@ class ConformanceTest(parameterized.TestCase):
       tx = js.sparsify(optax.adam(1e-2), method)
     else:
       tx = optax.chain(optax.sgd(1e-2, momentum=0.9), method)
-    params = cf.make_params(jnp.dtype(dtype))
     step = jax.jit(tx.update)
     last_update = 0
-    for count, params, state in cf.run(tx, params, 7, step):
+    initial = cf.make_params(jnp.dtype(dtype))
+    for count, params, state in cf.run(tx, initial, 7, step):
       masks = js.masks(state)
       cf.assert_pruned_are_zero(self, params, masks)
       if count % 2 == 0 or name == "magnitude_nm":
         last_update = count if name != "magnitude_nm" else count - count % 3
       self.assertEqual(
-        cf.kept_counts(params, masks, config.allocation == js.GlobalThreshold()),
+        cf.kept_counts(
+          params, masks, isinstance(config.allocation, js.GlobalThreshold)
+        ),
         cf.expected_counts(config, params, masks, last_update),
       )
       for m in jax.tree.leaves(masks):
@@ -63,7 +64,9 @@ class ConformanceTest(parameterized.TestCase):
   def test_eval_shape_init(self, name):
     tx = js.sparsify(optax.adam(1e-3), cf.CONFIGS[name].make())
     params = cf.make_params()
-    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    abstract = jax.tree.map(
+      lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params
+    )
     shapes = jax.eval_shape(tx.init, abstract)
     chex.assert_trees_all_equal_shapes_and_dtypes(shapes, tx.init(params))
 
@@ -100,9 +103,9 @@ class ConformanceTest(parameterized.TestCase):
     state = tx.init(sharded)
     masks = js.masks(state)
     jax.tree.map(
-      lambda p, m: None
-      if m is None
-      else self.assertEqual(m.sharding, p.sharding),
+      lambda p, m: (
+        None if m is None else self.assertEqual(m.sharding, p.sharding)
+      ),
       sharded,
       masks,
     )
@@ -132,7 +135,9 @@ class ConformanceTest(parameterized.TestCase):
       updates, state = step(cf.fake_grads(params, 0), state, params)
       masks = js.masks(state)
       kernel = masks["dense0"]["kernel"]
-      self.assertEqual(int(kernel.sum()), kernel.size - round(sparsity * kernel.size))
+      self.assertEqual(
+        int(kernel.sum()), kernel.size - round(sparsity * kernel.size)
+      )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,8 @@ class MagnitudeRuleTest(parameterized.TestCase):
     tx = optax.chain(
       optax.sgd(0.05), js.magnitude_pruning(schedule, update_every=2)
     )
-    params = cf.make_params()
-    prev = params
-    for count, params, state in cf.run(tx, params, 9, jax.jit(tx.update)):
+    prev = cf.make_params()
+    for count, params, state in cf.run(tx, prev, 9, jax.jit(tx.update)):
       if count % 2 == 0 or count == 8:
         masks = js.masks(state)
         for name in ("dense0", "dense1"):
@@ -49,7 +48,9 @@ class MagnitudeRuleTest(parameterized.TestCase):
           grads = np.asarray(cf.fake_grads(prev, count)[name]["kernel"])
           new = np.asarray(prev[name]["kernel"]) - 0.05 * grads
           s = float(schedule(count))
-          kept = mask.size - int(np.round(np.float32(s) * np.float32(mask.size)))
+          kept = mask.size - int(
+            np.round(np.float32(s) * np.float32(mask.size))
+          )
           np.testing.assert_array_equal(mask, numpy_topk_mask(new, kept))
       prev = params
 
@@ -77,17 +78,33 @@ class MagnitudeRuleTest(parameterized.TestCase):
     params = cf.make_params()
     _, params, state = next(cf.run(tx, params, 1))
     masks = js.masks(state)
-    kernels = [params["conv"]["kernel"], params["dense0"]["kernel"],
-               params["dense1"]["kernel"]]
-    mask_list = [masks["conv"]["kernel"], masks["dense0"]["kernel"],
-                 masks["dense1"]["kernel"]]
-    kept = np.concatenate([np.abs(np.asarray(k))[np.asarray(m)]
-                           for k, m in zip(kernels, mask_list)])
+    kernels = [
+      params["conv"]["kernel"],
+      params["dense0"]["kernel"],
+      params["dense1"]["kernel"],
+    ]
+    mask_list = [
+      masks["conv"]["kernel"],
+      masks["dense0"]["kernel"],
+      masks["dense1"]["kernel"],
+    ]
+    kept = np.concatenate(
+      [np.abs(np.asarray(k))[np.asarray(m)] for k, m in zip(kernels, mask_list)]
+    )
     original = cf.make_params()
-    pruned = np.concatenate([
-      np.abs(np.asarray(o))[~np.asarray(m)]
-      for o, m in zip([original["conv"]["kernel"], original["dense0"]["kernel"],
-                       original["dense1"]["kernel"]], mask_list)])
+    pruned = np.concatenate(
+      [
+        np.abs(np.asarray(o))[~np.asarray(m)]
+        for o, m in zip(
+          [
+            original["conv"]["kernel"],
+            original["dense0"]["kernel"],
+            original["dense1"]["kernel"],
+          ],
+          mask_list,
+        )
+      ]
+    )
     total = sum(k.size for k in kernels)
     self.assertEqual(kept.size, total - round(0.9 * total))
     self.assertGreaterEqual(kept.min(), pruned.max())
@@ -127,7 +144,9 @@ class RandomRuleTest(parameterized.TestCase):
     # Random masks do not favour large weights: kept mean |w| ~ overall mean.
     params = {"w": jax.random.normal(jax.random.key(0), (256, 256))}
     tx = js.random_pruning(0.5)
-    _, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    _, state = tx.update(
+      jax.tree.map(jnp.zeros_like, params), tx.init(params), params
+    )
     w, m = np.abs(np.asarray(params["w"])), np.asarray(state.masks["w"])
     self.assertAlmostEqual(w[m].mean() / w.mean(), 1.0, delta=0.02)
 
@@ -149,7 +168,9 @@ class ErrorTest(parameterized.TestCase):
   def test_m_not_dividing_axis_names_leaf(self):
     params = {"layer": {"kernel": jnp.ones((6, 8))}}
     tx = js.magnitude_pruning(pattern=js.NM(2, 4))
-    with self.assertRaisesRegex(ValueError, r"layer/kernel: axis -2 has size 6"):
+    with self.assertRaisesRegex(
+      ValueError, r"layer/kernel: axis -2 has size 6"
+    ):
       tx.init(params)
 
   def test_block_not_dividing_names_leaf(self):
@@ -158,8 +179,13 @@ class ErrorTest(parameterized.TestCase):
       js.magnitude_pruning(0.5, pattern=js.Block(4, 4)).init(params)
 
   def test_integer_param_names_leaf(self):
-    params = {"table": {"ids": jnp.ones((4, 4), jnp.int32)}, "w": jnp.ones((4, 4))}
-    with self.assertRaisesRegex(ValueError, r"table/ids has dtype int32.*`where=`"):
+    params = {
+      "table": {"ids": jnp.ones((4, 4), jnp.int32)},
+      "w": jnp.ones((4, 4)),
+    }
+    with self.assertRaisesRegex(
+      ValueError, r"table/ids has dtype int32.*`where=`"
+    ):
       js.magnitude_pruning(0.5).init(params)
 
   def test_method_needs_params(self):
@@ -177,7 +203,9 @@ class ErrorTest(parameterized.TestCase):
 
   def test_exclude_matching_nothing(self):
     where = js.default_where(exclude=("Dense_7",))
-    with self.assertRaisesRegex(ValueError, r"exclude='Dense_7' matches no param"):
+    with self.assertRaisesRegex(
+      ValueError, r"exclude='Dense_7' matches no param"
+    ):
       js.magnitude_pruning(0.5, where=where).init(cf.make_params())
 
   def test_nm_sparsity_mismatch(self):
@@ -195,7 +223,9 @@ class ErrorTest(parameterized.TestCase):
   def test_bad_cadence(self):
     with self.assertRaisesRegex(ValueError, "update_every=0"):
       js.magnitude_pruning(0.5, update_every=0)
-    with self.assertRaisesRegex(ValueError, "end_step=3 is before begin_step=5"):
+    with self.assertRaisesRegex(
+      ValueError, "end_step=3 is before begin_step=5"
+    ):
       js.magnitude_pruning(0.5, begin_step=5, end_step=3)
 
 
