@@ -1,0 +1,1 @@
+"""jaxsparse experiments: one trainer (``train.py``), configs, data, models."""

@@ -1,0 +1,1 @@
+"""Experiment configs: ``get_config(arg=None) -> ml_collections.ConfigDict``."""
