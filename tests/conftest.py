@@ -5,9 +5,21 @@ Strict dtype promotion is not global because optax's own optimizers (adam's
 jaxsparse's own code enter ``jax.numpy_dtype_promotion("strict")``.
 """
 
-import jax
-import pytest
-from hypothesis import settings
+import os
+
+# With 8 virtual devices on a 2-core machine, a starved device thread can miss
+# XLA:CPU's 40 s collective rendezvous and abort the whole process; allow more.
+os.environ["XLA_FLAGS"] = " ".join(
+  [
+    os.environ.get("XLA_FLAGS", ""),
+    "--xla_cpu_collective_call_terminate_timeout_seconds=600",
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
+  ]
+).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -92,6 +92,15 @@ def _resolve_sparsity(
         f"sparsity is {level:g}. Pass sparsity=None (or {level:g}), or a "
         "schedule that ramps up to it."
       )
+    if callable(sparsity):
+      for step in probe_steps:
+        value = float(sparsity(jnp.asarray(step, jnp.int32)))
+        if round(value * pattern.m) > pattern.m - pattern.n:
+          raise ValueError(
+            f"{name}: the sparsity schedule reaches {value:g} at step {step}, "
+            f"beyond the {level:g} that {pattern!r} allows; end the schedule "
+            f"at {level:g}."
+          )
   elif sparsity is None:
     raise ValueError(
       f"{name}: pass a sparsity (a float in [0, 1) or a schedule)."
@@ -122,8 +131,11 @@ def _score_pruning(
 ) -> optax.GradientTransformationExtraArgs:
   """Shared body of the pruning methods: re-select masks from scores."""
   schedules.check_cadence(update_every, begin_step, end_step)
+  # Schedules are checked at these steps; 2**30 stands for "after training".
   probes = tuple(
-    s for s in (0, begin_step, end_step) if isinstance(s, numbers.Integral)
+    s
+    for s in (0, begin_step, end_step, 2**30)
+    if isinstance(s, numbers.Integral)
   )
   sparsity = _resolve_sparsity(sparsity, pattern, allocation, probes, name)
 

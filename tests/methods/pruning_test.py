@@ -212,6 +212,11 @@ class ErrorTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"sparsity=0.9 does not match NM"):
       js.magnitude_pruning(0.9, pattern=js.NM(2, 4))
 
+  def test_nm_schedule_beyond_level(self):
+    with self.assertRaisesRegex(ValueError, r"reaches 0.9 at step .* NM"):
+      js.magnitude_pruning(js.gmp(0.9, 0, 10), pattern=js.NM(2, 4))
+    js.magnitude_pruning(js.gmp(0.5, 0, 10), pattern=js.NM(2, 4))  # fine
+
   def test_nm_with_erk(self):
     with self.assertRaisesRegex(ValueError, "cannot redistribute"):
       js.magnitude_pruning(pattern=js.NM(2, 4), allocation=js.erk())
