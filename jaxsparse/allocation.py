@@ -95,7 +95,7 @@ def global_threshold() -> GlobalThreshold:
   return GlobalThreshold()
 
 
-def check_allocation(allocation: Allocation) -> None:
+def check_allocation(allocation: object) -> None:
   """Raises ``ValueError`` for something that is not an allocation."""
   if not isinstance(allocation, ALLOCATIONS):
     raise ValueError(

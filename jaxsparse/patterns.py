@@ -84,7 +84,7 @@ Pattern: TypeAlias = Unstructured | NM | Block | Channel
 PATTERNS = (Unstructured, NM, Block, Channel)
 
 
-def check_pattern(pattern: Pattern) -> None:
+def check_pattern(pattern: object) -> None:
   """Raises ``ValueError`` for a pattern that no leaf could satisfy."""
   if not isinstance(pattern, PATTERNS):
     raise ValueError(

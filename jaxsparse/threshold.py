@@ -23,11 +23,14 @@ def ordered_keys(scores: ArrayLike) -> UInt32[Array, "..."]:
 
   Non-negative floats get their sign bit set; negative floats have every bit
   flipped, so unsigned comparison of keys equals float comparison of scores
-  (-0.0 is mapped to +0.0 first, so the two zeros tie as floats do).
+  (-0.0 is mapped to +0.0 first, so the two zeros tie as floats do). Only
+  integer operations are used, so subnormals keep their IEEE order even where
+  the backend flushes them to zero in float comparisons.
   """
-  scores = jnp.asarray(scores, jnp.float32)
-  scores = jnp.where(scores == 0, jnp.float32(0), scores)
-  bits = jax.lax.bitcast_convert_type(scores, jnp.uint32)
+  bits = jax.lax.bitcast_convert_type(
+    jnp.asarray(scores, jnp.float32), jnp.uint32
+  )
+  bits = jnp.where(bits == jnp.uint32(_SIGN), jnp.uint32(0), bits)
   negative = (bits & jnp.uint32(_SIGN)) != 0
   return jnp.where(negative, ~bits, bits | jnp.uint32(_SIGN))
 

@@ -68,8 +68,11 @@ class AllocationTest(parameterized.TestCase):
     np.testing.assert_allclose(np.asarray(got), 0.0, atol=1e-6)
 
   def test_not_an_allocation(self):
-    with self.assertRaisesRegex(ValueError, "is not an allocation"):
+    # With the jaxtyping/beartype hook on, the annotation rejects it first.
+    with self.assertRaisesRegex((ValueError, TypeError), "allocation"):
       js.magnitude_pruning(0.5, allocation="erk")
+    with self.assertRaisesRegex(ValueError, "is not an allocation"):
+      js.allocation.check_allocation("erk")
 
 
 if __name__ == "__main__":

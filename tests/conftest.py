@@ -29,7 +29,7 @@ settings.register_profile(
   derandomize=True,
   database=None,
   deadline=None,
-  max_examples=40,
+  max_examples=25,
   print_blob=True,
 )
 settings.load_profile("deterministic")

@@ -126,9 +126,8 @@ class RandomRuleTest(parameterized.TestCase):
       tx = js.sparsify(
         optax.sgd(0.1), js.random_pruning(0.6, seed=seed, update_every=2)
       )
-      return [
-        js.masks(state) for _, _, state in cf.run(tx, cf.make_params(), steps)
-      ]
+      run = cf.run(tx, cf.make_params(), steps, jax.jit(tx.update))
+      return [js.masks(state) for _, _, state in run]
 
     first = final_masks(0)
     for masks in first[1:]:  # static: unchanged by later updates
