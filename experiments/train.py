@@ -149,13 +149,7 @@ def make_transform(
     raise ValueError(f"method={config.method!r} is not one of {METHODS}.")
   if config.method == "dense":
     return optimizer
-  pattern = parse_pattern(config.pattern)
-  nm_ok = isinstance(pattern, js.NM) and 0 < pattern.n <= pattern.m
-  if nm_ok and not np.isclose(config.final_sparsity, 1 - pattern.n / pattern.m):
-    raise ValueError(
-      f"pattern={config.pattern!r} has sparsity {1 - pattern.n / pattern.m:g};"
-      f" set --config.final_sparsity={1 - pattern.n / pattern.m:g}."
-    )
+  pattern = parse_pattern(config.pattern)  # N:M levels are checked by js
   if config.schedule == "gmp":
     sparsity = js.gmp(config.final_sparsity, config.begin_step, config.end_step)
   elif config.schedule == "constant" and config.method != "gmp":
