@@ -233,6 +233,15 @@ def explicit_sharding(x: Array) -> jax.sharding.NamedSharding | None:
   return sharding
 
 
+def _regrouped_axes(pattern: Pattern, ndim: int) -> tuple[int, ...]:
+  """Axes a structured pattern splits into groups (reshapes)."""
+  if isinstance(pattern, NM):
+    return (pattern.axis % ndim,)
+  if isinstance(pattern, Block):
+    return (ndim - 2, ndim - 1)
+  return tuple(range(ndim))  # Channel reduces over and re-broadcasts all
+
+
 def select(
   pattern: Pattern, scores: Float[Array, "..."], sparsity: Float[ArrayLike, ""]
 ) -> Bool[Array, "..."]:
@@ -242,15 +251,22 @@ def select(
   and :class:`Channel`; :func:`nm_kept_per_group` per group for :class:`NM`.
 
   Unstructured selection is local to each shard (only counts are reduced).
-  Structured patterns regroup axes, so a leaf sharded over Explicit mesh axes
-  is gathered on purpose for the (amortised) mask update and the mask is
-  resharded like the leaf.
+  Structured patterns regroup axes: when one of those axes is sharded over
+  Explicit mesh axes, the leaf is gathered on purpose for the (amortised) mask
+  update and the mask is resharded like the leaf; N:M along an unsharded
+  axis stays local.
   """
   scores = jnp.asarray(scores, jnp.float32)
   if isinstance(pattern, Unstructured):
     (keep,) = threshold.topk_masks([scores], num_kept(scores.size, sparsity))
     return keep
   sharding = explicit_sharding(scores)
+  if sharding is not None and not any(
+    sharding.spec[axis] is not None
+    for axis in _regrouped_axes(pattern, scores.ndim)
+    if axis < len(sharding.spec)
+  ):
+    sharding = None  # the regrouped axes are local to every shard
   if sharding is not None:
     replicated = jax.sharding.NamedSharding(
       sharding.mesh, jax.sharding.PartitionSpec()
