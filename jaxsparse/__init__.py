@@ -22,6 +22,9 @@ from jaxsparse.masking import default_where as default_where
 from jaxsparse.masking import masks as masks
 from jaxsparse.masking import masks_from_scores as masks_from_scores
 from jaxsparse.masking import resolve_where as resolve_where
+from jaxsparse.methods.dynamic import DynamicSparseState as DynamicSparseState
+from jaxsparse.methods.dynamic import rigl as rigl
+from jaxsparse.methods.dynamic import set_sparse as set_sparse
 from jaxsparse.methods.pruning import (
   MagnitudePruningState as MagnitudePruningState,
 )
@@ -49,6 +52,7 @@ __version__ = "0.1.0"
 __all__ = [
   "ER",
   "ERK",
+  "DynamicSparseState",
   "NM",
   "Block",
   "Channel",
@@ -74,6 +78,8 @@ __all__ = [
   "masks_from_scores",
   "random_pruning",
   "resolve_where",
+  "rigl",
+  "set_sparse",
   "sparsify",
   "summary",
   "topk_masks",

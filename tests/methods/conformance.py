@@ -20,6 +20,7 @@ class Config(NamedTuple):
   pattern: object = js.Unstructured()
   allocation: object = js.Uniform()
   sparsity_at: Callable[[int], float] = lambda count: 0.0
+  needs_grads: bool = False  # only inside js.sparsify
 
 
 def constant(value):
@@ -62,6 +63,17 @@ CONFIGS = {
   "random": Config(
     lambda: js.random_pruning(0.7, seed=3, update_every=2),
     sparsity_at=constant(0.7),
+  ),
+  "rigl": Config(
+    lambda: js.rigl(0.8, update_every=2, end_step=6),
+    allocation=js.erk(),
+    sparsity_at=constant(0.8),
+    needs_grads=True,
+  ),
+  "set": Config(
+    lambda: js.set_sparse(0.8, drop_fraction=0.5, update_every=2),
+    allocation=js.er(),
+    sparsity_at=constant(0.8),
   ),
   "random_erk": Config(
     lambda: js.random_pruning(0.9, allocation=js.erk(), update_every=2),
