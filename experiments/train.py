@@ -243,10 +243,7 @@ def sparsity_stats(params: Any, masks: Any, where: Any) -> dict:
   zeros = sum(int(np.sum(p == 0)) for p in selected)
   stats = {"zero_fraction": zeros / size, "sparsity": None}
   if masks is not None:
-    mask_leaves = [np.asarray(m) for m in jax.tree.leaves(masks)]
-    masked = sum(m.size for m in mask_leaves)
-    kept = sum(int(m.sum()) for m in mask_leaves)
-    stats["sparsity"] = 1 - kept / masked
+    stats["sparsity"] = 1 - js.masking.density(masks)
   return stats
 
 

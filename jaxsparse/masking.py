@@ -255,6 +255,25 @@ def masks_from_scores(
   return jax.tree.unflatten(treedef, out)
 
 
+def reselect(
+  scores: PyTree,
+  masks: MaskTree,
+  sparsity: ArrayLike,
+  *,
+  pattern: patterns_lib.Pattern,
+  allocation: allocation_lib.Allocation,
+) -> MaskTree:
+  """:func:`masks_from_scores` on the leaves ``masks`` covers.
+
+  ``scores`` may hold a score for every param; leaves whose mask is ``None``
+  stay ``None``.
+  """
+  scores = jax.tree.map(lambda s, m: None if m is None else s, scores, masks)
+  return masks_from_scores(
+    scores, sparsity, pattern=pattern, allocation=allocation
+  )
+
+
 def _has_masks(node: Any) -> bool:
   return (
     isinstance(node, tuple)

@@ -165,12 +165,9 @@ def _dynamic(
     key_data = jax.random.key_data(key)
 
     def initial_masks():
-      scores = scores_lib.random(params, key_data)
-      scores = jax.tree.map(
-        lambda s, m: None if m is None else s, scores, state.masks
-      )
-      return masks_lib.masks_from_scores(
-        scores,
+      return masks_lib.reselect(
+        scores_lib.random(params, key_data),
+        state.masks,
         sparsity,
         pattern=patterns_lib.Unstructured(),
         allocation=allocation,
@@ -201,14 +198,14 @@ def _dynamic(
       branch, [lambda: state.masks, initial_masks, rewired_masks]
     )
     # Entries active before and after keep their update; everything else
-    # (pruned, or grown this step and so starting from zero) becomes 0.
+    # (pruned, or grown this step and so starting from zero) becomes 0. At
+    # begin_step the old masks are still all-True, so this is the new mask.
     moving = jax.tree.map(
       lambda new, old: None if new is None else new & old,
       masks,
       state.masks,
       is_leaf=lambda x: x is None,
     )
-    moving = jax.lax.cond(is_first, lambda: masks, lambda: moving)
     updates = masks_lib.project_updates(updates, params, moving)
     return updates, state._replace(
       count=optax.safe_increment(count), masks=masks

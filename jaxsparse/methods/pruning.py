@@ -171,12 +171,12 @@ def _score_pruning(
     # them an operand of the cond, which XLA must materialise on every step
     # (benchmarks/results/step_overhead.md measured 1.35x a dense step).
     def refresh():
-      scores = score_fn(params, state)
-      scores = jax.tree.map(
-        lambda s, m: None if m is None else s, scores, state.masks
-      )
-      return masks_lib.masks_from_scores(
-        scores, target, pattern=pattern, allocation=allocation
+      return masks_lib.reselect(
+        score_fn(params, state),
+        state.masks,
+        target,
+        pattern=pattern,
+        allocation=allocation,
       )
 
     masks = jax.lax.cond(

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsparse as js
+from jaxsparse import masking
 
 
 class Config(NamedTuple):
@@ -139,7 +140,9 @@ def expected_counts(config, params, masks, count):
   sparsity = config.sparsity_at(count)
   leaves = [
     (p, m)
-    for p, m in zip(jax.tree.leaves(params), _mask_leaves(params, masks))
+    for p, m in zip(
+      jax.tree.leaves(params), masking.treedef_leaves(params, masks)
+    )
     if m is not None
   ]
   sizes = [p.size for p, _ in leaves]
@@ -162,19 +165,14 @@ def expected_counts(config, params, masks, count):
   return out
 
 
-def _mask_leaves(params, masks):
-  out = []
-  jax.tree.map(lambda _, m: out.append(m), params, masks)
-  return out
-
-
 def kept_counts(params, masks, global_count):
   counts = [int(np.asarray(m).sum()) for m in jax.tree.leaves(masks)]
   return [sum(counts)] if global_count else counts
 
 
 def assert_pruned_are_zero(testcase, params, masks):
-  for p, m in zip(jax.tree.leaves(params), _mask_leaves(params, masks)):
+  mask_leaves = masking.treedef_leaves(params, masks)
+  for p, m in zip(jax.tree.leaves(params), mask_leaves):
     if m is None:
       continue
     p = np.asarray(p)
