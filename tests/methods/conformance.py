@@ -22,7 +22,13 @@ class Config(NamedTuple):
   allocation: object = js.Uniform()
   sparsity_at: Callable[[int], float] = lambda count: 0.0
   needs_grads: bool = False  # only inside js.sparsify
-
+  # The step whose sparsity the masks hold after step `count` (updates every
+  # other step unless a config says otherwise).
+  last_update: Callable[[int], int] = lambda count: count - count % 2
+  # False for methods whose sparsity follows a threshold, not a count (e.g.
+  # regularisers); their masks must still match the zeros.
+  exact_counts: bool = True
+  
 
 def constant(value):
   return lambda count: value
@@ -40,6 +46,7 @@ CONFIGS = {
     lambda: js.magnitude_pruning(pattern=js.NM(2, 4), update_every=3),
     pattern=js.NM(2, 4),
     sparsity_at=constant(0.5),
+    last_update=lambda count: count - count % 3,
   ),
   "magnitude_block": Config(
     lambda: js.magnitude_pruning(0.75, pattern=js.Block(4, 4), update_every=2),
@@ -81,6 +88,10 @@ CONFIGS = {
     allocation=js.erk(),
     sparsity_at=constant(0.9),
   ),
+  # -- pruning at initialisation (SNIP, GraSP, SynFlow) --
+  # -- straight-through and N:M training (STE, SR-STE, ST-3, S-STE) --
+  # -- dynamic sparse training (SNFS, SRigL, patterned RigL/SET) --
+  # -- others (AC/DC, LAMP, LOBSTER, group lasso) --
 }
 
 
