@@ -44,6 +44,7 @@ from jaxsparse.report import Summary as Summary
 from jaxsparse.report import summary as summary
 from jaxsparse.schedules import gmp as gmp
 from jaxsparse.sparsify import SparsifyState as SparsifyState
+from jaxsparse.sparsify import StraightThrough as StraightThrough
 from jaxsparse.sparsify import sparsify as sparsify
 from jaxsparse.threshold import topk_masks as topk_masks
 
@@ -62,6 +63,7 @@ __all__ = [
   "Pattern",
   "RandomPruningState",
   "SparsifyState",
+  "StraightThrough",
   "Summary",
   "Uniform",
   "Unstructured",

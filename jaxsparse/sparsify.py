@@ -3,6 +3,7 @@
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -93,9 +94,12 @@ def sparsify(
   3. the method sees those updates, the params, and the raw (unmasked)
      gradients as ``grads=``; it may update its masks and returns updates
      with ``params + updates == 0`` at every pruned entry;
-  4. with ``reset_moments``, the optimizer's params-shaped state (momentum,
-     second moments) is zeroed at every entry the new masks prune, so a
-     regrown weight starts from zero moments.
+  4. with ``reset_moments``, when the method's state says it ``regrown``
+     weights this step (dynamic sparse training, AC/DC), the optimizer's
+     params-shaped state (momentum, second moments) is zeroed at every entry
+     the new masks prune, so a regrown weight starts from zero moments, as
+     the papers reset them. Pruning-only methods never regrow: gradients of
+     pruned entries are zero, and their moments decay unused.
 
   A :class:`StraightThrough` method instead trains dense weights held in its
   state: step 1 passes every gradient (through its ``optimizer_gradients``),
@@ -148,8 +152,16 @@ def sparsify(
     updates, method_state = method.update(
       updates, state.method, params, grads=grads, **extra_args
     )
-    if reset_moments and not straight_through:
-      inner = reset_pruned_moments(optimizer, inner, method_state.masks)
+    if reset_moments and hasattr(method_state, "regrown"):
+      # A cond over the optimizer state costs a copy of it (~8% of an adam
+      # step on CPU), so only methods that regrow weights take it, on the
+      # steps where they did.
+      inner = jax.lax.cond(
+        method_state.regrown,
+        lambda s: reset_pruned_moments(optimizer, s, method_state.masks),
+        lambda s: s,
+        inner,
+      )
     return updates, SparsifyState(inner, method_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

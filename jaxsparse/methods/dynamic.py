@@ -55,11 +55,15 @@ class DynamicSparseState(NamedTuple):
     count: int32 scalar, steps taken.
     key: uint32[2] raw PRNG key data (initial masks, SET's random growth).
     masks: the mask tree.
+    regrown: bool scalar, whether the last step rewired the masks (then
+      :func:`jaxsparse.sparsify` resets the optimizer moments of the
+      weights not active).
   """
 
   count: Int[Array, ""]
   key: UInt32[Array, "2"]
   masks: MaskTree
+  regrown: Bool[Array, ""]
 
 
 NEEDS_GRADS = (
@@ -145,6 +149,7 @@ def _dynamic(
       jnp.zeros([], jnp.int32),
       jax.random.key_data(jax.random.key(seed)),
       masks_lib.init_masks(params, chosen),
+      jnp.zeros([], jnp.bool_),
     )
 
   def update_fn(
@@ -208,7 +213,7 @@ def _dynamic(
     )
     updates = masks_lib.project_updates(updates, params, moving)
     return updates, state._replace(
-      count=optax.safe_increment(count), masks=masks
+      count=optax.safe_increment(count), masks=masks, regrown=branch > 0
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
