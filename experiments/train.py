@@ -44,10 +44,12 @@ CPU); params and optimizer state are replicated, with shardings derived from
 """
 
 import functools
+import inspect
 import json
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -69,11 +71,45 @@ _DEFAULT_CONFIG = os.path.join(
   os.path.dirname(os.path.abspath(__file__)), "configs", "digits_gmp.py"
 )
 
-METHODS = ("dense", "gmp", "magnitude", "global_magnitude", "random")
+# Method name -> factory. Each factory gets the config fields its signature
+# names (see make_method); ``method_args`` adds method-specific ones.
+METHODS = {
+  "gmp": "magnitude_pruning",
+  "magnitude": "magnitude_pruning",
+  "global_magnitude": "global_magnitude_pruning",
+  "random": "random_pruning",
+  "lamp": "lamp_pruning",
+  "snip": "snip",
+  "grasp": "grasp",
+  "synflow": "synflow",
+  "set": "set_sparse",
+  "rigl": "rigl",
+  "snfs": "snfs",
+  "srigl": "srigl",
+  "ste": "ste",
+  "sr_ste": "sr_ste",
+  "st3": "st3",
+  "s_ste": "s_ste",
+  "acdc": "acdc",
+  "lobster": "lobster",
+  "group_lasso": "group_lasso",
+}
 
 
-# --------------------------------------------------------------------------
-# Names to objects: the CLI edge.
+class Context(NamedTuple):
+  """What methods that look at the model or data at init may need.
+
+  Attributes:
+    loss_fn: ``(params, batch) -> scalar`` (SNIP, GraSP).
+    batch: one training batch ``(x, y)``.
+    apply_fn: ``(params, x) -> logits`` (SynFlow).
+    input_shape: one example's shape, batch axis first (``(1, ...)``).
+  """
+
+  loss_fn: Callable[[Any, Any], jax.Array]
+  batch: Any
+  apply_fn: Callable[[Any, jax.Array], jax.Array]
+  input_shape: tuple[int, ...]
 
 
 def parse_pattern(spec: str) -> js.Pattern:
@@ -140,49 +176,88 @@ def make_optimizer(
   )
 
 
-def make_transform(
-  config: ml_collections.ConfigDict,
-) -> optax.GradientTransformation:
-  """The optimizer, wrapped by the configured sparsity method if any."""
-  optimizer = make_optimizer(config)
-  if config.method not in METHODS:
-    raise ValueError(f"method={config.method!r} is not one of {METHODS}.")
-  if config.method == "dense":
-    return optimizer
-  pattern = parse_pattern(config.pattern)  # N:M levels are checked by js
+def make_sparsity(config: ml_collections.ConfigDict) -> Any:
+  """``final_sparsity`` held constant, or ramped by :func:`jaxsparse.gmp`."""
   if config.schedule == "gmp":
-    sparsity = js.gmp(config.final_sparsity, config.begin_step, config.end_step)
-  elif config.schedule == "constant" and config.method != "gmp":
-    sparsity = config.final_sparsity
-  else:
+    return js.gmp(config.final_sparsity, config.begin_step, config.end_step)
+  if config.schedule == "constant" and config.method != "gmp":
+    return config.final_sparsity
+  raise ValueError(
+    f"schedule={config.schedule!r} with method={config.method!r}; use "
+    "'gmp', or 'constant' with a method other than 'gmp'."
+  )
+
+
+def make_method(
+  config: ml_collections.ConfigDict, context: Context | None = None
+) -> Any:
+  """The configured jaxsparse method (``config.method`` is not ``dense``).
+
+  The factory ``METHODS[config.method]`` receives the fields its signature
+  names: ``sparsity`` (from :func:`make_sparsity`; methods that keep their
+  sparsity fixed get ``final_sparsity``), ``pattern`` and ``allocation``
+  (unless the config says ``"default"``: the factory's own default),
+  ``where``, ``update_every``, ``begin_step``, ``end_step``, ``seed``, the
+  context's ``loss_fn``, ``batch``, ``apply_fn`` and ``input_shape``, and
+  every key of ``config.method_args``. A non-default pattern or allocation
+  the factory does not take, or a ``method_args`` key it does not name, is
+  an error, never dropped.
+  """
+  if config.method not in METHODS:
     raise ValueError(
-      f"schedule={config.schedule!r} with method={config.method!r}; use "
-      "'gmp', or 'constant' with a method other than 'gmp'."
+      f"method={config.method!r} is not one of {['dense', *METHODS]}."
     )
-  cadence = dict(
+  factory = getattr(js, METHODS[config.method])
+  accepted = inspect.signature(factory).parameters
+  fixed = "update_every" not in accepted or config.method in (
+    "rigl",
+    "set",
+    "snfs",
+    "srigl",
+  )
+  offered = dict(
+    sparsity=config.final_sparsity if fixed else make_sparsity(config),
     where=js.default_where(config.exclude),
     update_every=config.update_every,
     begin_step=config.begin_step,
     end_step=config.end_step,
+    seed=config.seed,
   )
-  if config.method == "global_magnitude":
-    method = js.global_magnitude_pruning(sparsity, pattern=pattern, **cadence)
-  elif config.method == "random":
-    method = js.random_pruning(
-      sparsity,
-      seed=config.seed,
-      pattern=pattern,
-      allocation=make_allocation(config.allocation),
-      **cadence,
+  # "default" leaves the factory's own default (RigL: ERK, SR-STE: 2:4).
+  for name, parse, neutral in (
+    ("pattern", parse_pattern, "unstructured"),
+    ("allocation", make_allocation, "uniform"),
+  ):
+    if config[name] == "default":
+      continue
+    if name not in accepted and config[name] != neutral:
+      raise ValueError(
+        f"method={config.method!r} (js.{factory.__name__}) takes no {name}; "
+        f"set {name}='default'."
+      )
+    offered[name] = parse(config[name])
+  if context is not None:
+    offered.update(context._asdict())
+  method_args = dict(config.get("method_args", {}))
+  unknown = sorted(set(method_args) - set(accepted))
+  if unknown:
+    raise ValueError(
+      f"method_args {unknown} are not arguments of js.{factory.__name__}; "
+      f"it takes {sorted(accepted)}."
     )
-  else:  # "gmp" and "magnitude"
-    method = js.magnitude_pruning(
-      sparsity,
-      pattern=pattern,
-      allocation=make_allocation(config.allocation),
-      **cadence,
-    )
-  return js.sparsify(optimizer, method)
+  kwargs = {k: v for k, v in offered.items() if k in accepted}
+  kwargs.update(method_args)
+  return factory(**kwargs)
+
+
+def make_transform(
+  config: ml_collections.ConfigDict, context: Context | None = None
+) -> optax.GradientTransformation:
+  """The optimizer, wrapped by the configured sparsity method if any."""
+  optimizer = make_optimizer(config)
+  if config.method == "dense":
+    return optimizer
+  return js.sparsify(optimizer, make_method(config, context))
 
 
 def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
@@ -197,13 +272,15 @@ def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
 def make_model(
   config: ml_collections.ConfigDict, num_classes: int
 ) -> nn.Module:
-  """``mlp`` (``model.hidden`` sizes) or ``lenet_300_100``."""
+  """``mlp`` (``model.hidden`` sizes), ``lenet_300_100`` or ``lenet5``."""
   if config.model.name == "mlp":
     return models.MLP((*config.model.hidden, num_classes))
   if config.model.name == "lenet_300_100":
     return models.lenet_300_100(num_classes)
+  if config.model.name == "lenet5":
+    return models.LeNet5(num_classes)
   raise ValueError(
-    f"model.name={config.model.name!r}; use 'mlp' or 'lenet_300_100'."
+    f"model.name={config.model.name!r}; use 'mlp', 'lenet_300_100' or 'lenet5'."
   )
 
 
@@ -300,21 +377,34 @@ def train_model(
   params = jax.device_put(
     init_params(model, init_key, dataset.x_train[:1]), replicated
   )
-  tx = make_transform(config)
+
+  def loss_fn(params, batch):
+    x, y = batch
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  context = Context(
+    loss_fn=loss_fn,
+    # The first training batch (a fresh iterator with the same seed).
+    batch=next(
+      data_lib.batches(
+        dataset.x_train, dataset.y_train, config.batch_size, config.seed
+      )
+    ),
+    apply_fn=lambda params, x: model.apply({"params": params}, x),
+    input_shape=(1, *dataset.x_train.shape[1:]),
+  )
+  tx = make_transform(config, context)
   sparse = config.method != "dense"
   state_shapes = jax.eval_shape(tx.init, params)
   state_shardings = jax.tree.map(lambda _: replicated, state_shapes)
   opt_state = jax.jit(tx.init, out_shardings=state_shardings)(params)
 
-  def loss_fn(params, x, y):
-    logits = model.apply({"params": params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
   @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
   def train_step(params, opt_state, dense_equivalent, x, y):
     # This step's forward and backward passes run with the current masks.
     density = flop_density(params, js.masks(opt_state) if sparse else None)
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    loss, grads = jax.value_and_grad(loss_fn)(params, (x, y))
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, dense_equivalent + density, loss
