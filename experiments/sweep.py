@@ -23,7 +23,8 @@ line ``<!-- notes -->`` of an existing results file is kept.
 
 Run from the repository root::
 
-  python -m experiments.sweep --config experiments/configs/study_mnist_lenet300.py
+  python -m experiments.sweep \
+    --config experiments/configs/study_mnist_lenet300.py
   python -m experiments.sweep \
     --config experiments/configs/study_mnist_lenet300.py:runlocal --jobs 2
 """

@@ -35,7 +35,7 @@ def test_runlocal_writes_table_and_plot(study, tmp_path, monkeypatch):
   )
   text = (out / f"{spec['name']}_runlocal.md").read_text()
   assert (out / f"{spec['name']}_runlocal.png").stat().st_size > 0
-  for method, overrides in spec["methods"]:
+  for method, _ in spec["methods"]:
     row = next(
       line for line in text.splitlines() if line.startswith(f"| {method} |")
     )
@@ -86,10 +86,10 @@ def test_make_method_rejects_unknown_method_args():
     train.make_method(config)
 
 
-def test_make_method_rejects_a_pattern_the_method_does_not_take():
-  with pytest.raises(ValueError, match="takes no pattern"):
+def test_make_method_rejects_an_allocation_the_method_does_not_take():
+  with pytest.raises(ValueError, match="takes no allocation"):
     train.make_method(
-      _config(method="global_magnitude", pattern="nm:2:4", schedule="constant")
+      _config(method="global_magnitude", allocation="erk", schedule="constant")
     )
 
 
