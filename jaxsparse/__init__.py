@@ -25,6 +25,13 @@ from jaxsparse.masking import resolve_where as resolve_where
 from jaxsparse.methods.dynamic import DynamicSparseState as DynamicSparseState
 from jaxsparse.methods.dynamic import rigl as rigl
 from jaxsparse.methods.dynamic import set_sparse as set_sparse
+from jaxsparse.methods.init_pruning import InitPruningState as InitPruningState
+from jaxsparse.methods.init_pruning import grasp as grasp
+from jaxsparse.methods.init_pruning import grasp_scores as grasp_scores
+from jaxsparse.methods.init_pruning import snip as snip
+from jaxsparse.methods.init_pruning import snip_scores as snip_scores
+from jaxsparse.methods.init_pruning import synflow as synflow
+from jaxsparse.methods.init_pruning import synflow_scores as synflow_scores
 from jaxsparse.methods.pruning import (
   MagnitudePruningState as MagnitudePruningState,
 )
@@ -51,15 +58,16 @@ from jaxsparse.threshold import topk_masks as topk_masks
 __version__ = "0.1.0"
 
 __all__ = [
-  "ER",
-  "ERK",
-  "DynamicSparseState",
-  "NM",
   "Block",
   "Channel",
+  "DynamicSparseState",
+  "ER",
+  "ERK",
   "GlobalThreshold",
+  "InitPruningState",
   "LayerRecord",
   "MagnitudePruningState",
+  "NM",
   "Pattern",
   "RandomPruningState",
   "SparsifyState",
@@ -74,6 +82,8 @@ __all__ = [
   "global_magnitude_pruning",
   "global_threshold",
   "gmp",
+  "grasp",
+  "grasp_scores",
   "layer_sparsities",
   "magnitude_pruning",
   "masks",
@@ -82,8 +92,12 @@ __all__ = [
   "resolve_where",
   "rigl",
   "set_sparse",
+  "snip",
+  "snip_scores",
   "sparsify",
   "summary",
+  "synflow",
+  "synflow_scores",
   "topk_masks",
   "uniform",
 ]

@@ -89,9 +89,190 @@ CONFIGS = {
     sparsity_at=constant(0.9),
   ),
   # -- pruning at initialisation (SNIP, GraSP, SynFlow) --
+  # Masks are computed once, in init, from the model below (then fixed).
+  "snip": Config(
+    lambda: init_pruning_method("snip", 0.8),
+    allocation=js.GlobalThreshold(),
+    sparsity_at=constant(0.8),
+    last_update=lambda count: 0,
+  ),
+  "grasp": Config(
+    lambda: init_pruning_method("grasp", 0.7),
+    allocation=js.GlobalThreshold(),
+    sparsity_at=constant(0.7),
+    last_update=lambda count: 0,
+  ),
+  "synflow": Config(
+    lambda: init_pruning_method("synflow", 0.9),
+    allocation=js.GlobalThreshold(),
+    sparsity_at=constant(0.9),
+    last_update=lambda count: 0,
+  ),
   # -- straight-through and N:M training (STE, SR-STE, ST-3, S-STE) --
+  # (until the names are exported from jaxsparse, reach the module directly)
+  "ste": Config(
+    lambda: __import__(
+      "jaxsparse.methods.straight_through", fromlist=["ste"]
+    ).ste(js.gmp(0.9, 0, 6)),
+    sparsity_at=lambda count: float(js.gmp(0.9, 0, 6)(count)),
+    last_update=lambda count: count,
+  ),
+  "ste_nm": Config(
+    lambda: __import__(
+      "jaxsparse.methods.straight_through", fromlist=["ste"]
+    ).ste(pattern=js.NM(2, 4)),
+    pattern=js.NM(2, 4),
+    sparsity_at=constant(0.5),
+    last_update=lambda count: count,
+  ),
+  "sr_ste": Config(
+    lambda: __import__(
+      "jaxsparse.methods.straight_through", fromlist=["sr_ste"]
+    ).sr_ste(js.NM(2, 4), decay=0.1),
+    pattern=js.NM(2, 4),
+    sparsity_at=constant(0.5),
+    needs_grads=True,
+    last_update=lambda count: count,
+  ),
+  "sr_ste_14": Config(
+    lambda: __import__(
+      "jaxsparse.methods.straight_through", fromlist=["sr_ste"]
+    ).sr_ste(js.NM(1, 4)),
+    pattern=js.NM(1, 4),
+    sparsity_at=constant(0.75),
+    needs_grads=True,
+    last_update=lambda count: count,
+  ),
+  "st3": Config(
+    lambda: __import__(
+      "jaxsparse.methods.straight_through", fromlist=["st3"]
+    ).st3(js.gmp(0.9, 0, 6)),
+    allocation=js.GlobalThreshold(),
+    sparsity_at=lambda count: float(js.gmp(0.9, 0, 6)(count)),
+    last_update=lambda count: count,
+  ),
+  "st3_sigma": Config(
+    lambda: __import__(
+      "jaxsparse.methods.straight_through", fromlist=["st3"]
+    ).st3(0.85, sigma=True),
+    allocation=js.GlobalThreshold(),
+    sparsity_at=constant(0.85),
+    last_update=lambda count: count,
+  ),
+  "s_ste": Config(
+    lambda: __import__(
+      "jaxsparse.methods.straight_through", fromlist=["s_ste"]
+    ).s_ste(js.NM(2, 4)),
+    pattern=js.NM(2, 4),
+    sparsity_at=constant(0.5),
+    last_update=lambda count: count,
+  ),
   # -- dynamic sparse training (SNFS, SRigL, patterned RigL/SET) --
+  "rigl_nm": Config(
+    lambda: js.rigl(pattern=js.NM(2, 4), update_every=2, end_step=6),
+    pattern=js.NM(2, 4),
+    sparsity_at=constant(0.5),
+    needs_grads=True,
+  ),
+  "rigl_block": Config(
+    lambda: js.rigl(0.75, pattern=js.Block(4, 4), update_every=2),
+    pattern=js.Block(4, 4),
+    allocation=js.erk(),
+    sparsity_at=constant(0.75),
+    needs_grads=True,
+  ),
+  "set_nm": Config(
+    lambda: js.set_sparse(
+      pattern=js.NM(2, 4), drop_fraction=0.5, update_every=2
+    ),
+    pattern=js.NM(2, 4),
+    sparsity_at=constant(0.5),
+  ),
+  # SNFS moves weights between layers (only the total is fixed), so the
+  # per-leaf counts are not known here; dynamic_test checks the total.
+  "snfs": Config(
+    lambda: js.methods.dynamic.snfs(0.8, update_every=2, end_step=6),
+    sparsity_at=constant(0.8),
+    needs_grads=True,
+    exact_counts=False,
+  ),
+  # Constant fan-in at 0.75: every fan-in (36, 16, 32) keeps a quarter, so
+  # out * k equals the per-leaf count exactly.
+  "srigl": Config(
+    lambda: js.methods.dynamic.srigl(
+      0.75, update_every=2, end_step=6, ablation_threshold=0.0
+    ),
+    sparsity_at=constant(0.75),
+    needs_grads=True,
+  ),
+  # With ablation the fan-in is floor(B / a): the count may drop by B mod a.
+  "srigl_ablation": Config(
+    lambda: js.methods.dynamic.srigl(
+      0.75, update_every=2, ablation_threshold=0.9
+    ),
+    sparsity_at=constant(0.75),
+    needs_grads=True,
+    exact_counts=False,
+  ),
   # -- others (AC/DC, LAMP, LOBSTER, group lasso) --
+  "lamp": Config(
+    lambda: __import__(
+      "jaxsparse.methods.pruning", fromlist=["lamp_pruning"]
+    ).lamp_pruning(0.85, update_every=2),
+    allocation=js.GlobalThreshold(),
+    sparsity_at=constant(0.85),
+  ),
+  # Phases over steps 0..6: dense, sparse x2, dense x3 (the last one is the
+  # final dense phase), sparse; masks change at every phase switch.
+  "acdc": Config(
+    lambda: __import__("jaxsparse.methods.acdc", fromlist=["acdc"]).acdc(
+      0.8,
+      total_steps=8,
+      warmup_steps=1,
+      phase_steps=2,
+      final_dense_steps=1,
+      final_sparse_steps=2,
+    ),
+    allocation=js.GlobalThreshold(),
+    sparsity_at=lambda count: 0.8 if count in (1, 2, 6, 7) else 0.0,
+    last_update=lambda count: count,
+  ),
+  "acdc_block": Config(
+    lambda: __import__("jaxsparse.methods.acdc", fromlist=["acdc"]).acdc(
+      0.75,
+      total_steps=8,
+      warmup_steps=1,
+      phase_steps=2,
+      final_dense_steps=1,
+      final_sparse_steps=2,
+      pattern=js.Block(4, 4),
+      allocation=js.uniform(),
+    ),
+    pattern=js.Block(4, 4),
+    sparsity_at=lambda count: 0.75 if count in (1, 2, 6, 7) else 0.0,
+    last_update=lambda count: count,
+  ),
+  "lobster": Config(
+    lambda: __import__(
+      "jaxsparse.methods.regularisers", fromlist=["lobster"]
+    ).lobster(0.1, 0.3, prune_every=2),
+    needs_grads=True,
+    exact_counts=False,
+  ),
+  "group_lasso_channel": Config(
+    lambda: __import__(
+      "jaxsparse.methods.regularisers", fromlist=["group_lasso"]
+    ).group_lasso(10.0, 0.1, js.Channel()),
+    pattern=js.Channel(),
+    exact_counts=False,
+  ),
+  "group_lasso_block": Config(
+    lambda: __import__(
+      "jaxsparse.methods.regularisers", fromlist=["group_lasso"]
+    ).group_lasso(10.0, 0.1, js.Block(4, 4)),
+    pattern=js.Block(4, 4),
+    exact_counts=False,
+  ),
 }
 
 
@@ -192,3 +373,46 @@ def assert_pruned_are_zero(testcase, params, masks):
     testcase.assertTrue(
       np.all(pruned_bits == 0), "a pruned weight is not bitwise +0.0"
     )
+
+
+# -- the model scored by the pruning-at-initialisation configs --
+# A dense branch (dense0 -> dense1) plus a conv branch (the conv kernel over a
+# 3x3x4 input: a VALID convolution at its one position), summed into 8
+# logits. Matmuls and einsums only, so it also runs on params sharded over
+# Explicit mesh axes; it computes in the params' dtype.
+
+
+def init_pruning_apply(params, x):
+  """``x``: (batch, 3, 3, 4) -> logits (batch, 8)."""
+  kernel = params["dense0"]["kernel"]
+  x = jnp.asarray(x, kernel.dtype)
+  flat = x.reshape(x.shape[0], -1)[:, :16]
+  hidden = jax.nn.relu(flat @ kernel + params["dense0"]["bias"][None, :])
+  conv = jnp.einsum("bhwi,hwio->bo", x, params["conv"]["kernel"])
+  conv = jax.nn.relu(conv + params["conv"]["bias"][None, :])
+  dense1 = params["dense1"]
+  return hidden @ dense1["kernel"] + dense1["bias"][None, :] + conv
+
+
+def init_pruning_batch():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((4, 3, 3, 4)).astype(np.float32)
+  y = np.eye(8, dtype=np.float32)[[0, 3, 5, 7]]
+  return x, y
+
+
+def init_pruning_loss(params, batch):
+  x, y = batch
+  logits = init_pruning_apply(params, x).astype(jnp.float32)
+  return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(logits), axis=-1))
+
+
+def init_pruning_method(name, sparsity):
+  from jaxsparse.methods import init_pruning
+
+  if name == "synflow":
+    return init_pruning.synflow(
+      sparsity, init_pruning_apply, (1, 3, 3, 4), iterations=10
+    )
+  factory = getattr(init_pruning, name)
+  return factory(sparsity, init_pruning_loss, init_pruning_batch())

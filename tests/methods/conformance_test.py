@@ -28,8 +28,13 @@ class ConformanceTest(parameterized.TestCase):
     super().setUp()
     chex.clear_trace_counter()
 
-  @parameterized.product(
-    name=NAMES, dtype=["float32", "bfloat16"], wrap=["sparsify", "chain"]
+  @parameterized.named_parameters(
+    dict(
+      testcase_name=f"{name}_{dtype}_{wrap}", name=name, dtype=dtype, wrap=wrap
+    )
+    for name in NAMES
+    for dtype in ("float32", "bfloat16")
+    for wrap in ("sparsify", "chain")
   )
   def test_zeros_after_every_step_and_exact_counts(self, name, dtype, wrap):
     config = cf.CONFIGS[name]
