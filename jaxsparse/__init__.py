@@ -22,6 +22,10 @@ from jaxsparse.masking import default_where as default_where
 from jaxsparse.masking import masks as masks
 from jaxsparse.masking import masks_from_scores as masks_from_scores
 from jaxsparse.masking import resolve_where as resolve_where
+from jaxsparse.methods.acdc import ACDCSchedule as ACDCSchedule
+from jaxsparse.methods.acdc import ACDCState as ACDCState
+from jaxsparse.methods.acdc import acdc as acdc
+from jaxsparse.methods.acdc import acdc_schedule as acdc_schedule
 from jaxsparse.methods.dynamic import DynamicSparseState as DynamicSparseState
 from jaxsparse.methods.dynamic import rigl as rigl
 from jaxsparse.methods.dynamic import set_sparse as set_sparse
@@ -39,8 +43,13 @@ from jaxsparse.methods.pruning import RandomPruningState as RandomPruningState
 from jaxsparse.methods.pruning import (
   global_magnitude_pruning as global_magnitude_pruning,
 )
+from jaxsparse.methods.pruning import lamp_pruning as lamp_pruning
 from jaxsparse.methods.pruning import magnitude_pruning as magnitude_pruning
 from jaxsparse.methods.pruning import random_pruning as random_pruning
+from jaxsparse.methods.regularisers import GroupLassoState as GroupLassoState
+from jaxsparse.methods.regularisers import LobsterState as LobsterState
+from jaxsparse.methods.regularisers import group_lasso as group_lasso
+from jaxsparse.methods.regularisers import lobster as lobster
 from jaxsparse.patterns import NM as NM
 from jaxsparse.patterns import Block as Block
 from jaxsparse.patterns import Channel as Channel
@@ -58,14 +67,18 @@ from jaxsparse.threshold import topk_masks as topk_masks
 __version__ = "0.1.0"
 
 __all__ = [
+  "ACDCSchedule",
+  "ACDCState",
   "Block",
   "Channel",
   "DynamicSparseState",
   "ER",
   "ERK",
   "GlobalThreshold",
+  "GroupLassoState",
   "InitPruningState",
   "LayerRecord",
+  "LobsterState",
   "MagnitudePruningState",
   "NM",
   "Pattern",
@@ -75,6 +88,8 @@ __all__ = [
   "Summary",
   "Uniform",
   "Unstructured",
+  "acdc",
+  "acdc_schedule",
   "apply_masks",
   "default_where",
   "er",
@@ -84,7 +99,10 @@ __all__ = [
   "gmp",
   "grasp",
   "grasp_scores",
+  "group_lasso",
+  "lamp_pruning",
   "layer_sparsities",
+  "lobster",
   "magnitude_pruning",
   "masks",
   "masks_from_scores",

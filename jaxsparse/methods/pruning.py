@@ -1,4 +1,4 @@
-"""Pruning by score: magnitude (one-shot or gradual), global magnitude, random.
+"""Pruning by score: magnitude (one-shot or gradual), global, LAMP, random.
 
 Each method keeps a mask per selected param and, at every update step,
 re-selects the highest-scoring entries of the current params at the
@@ -12,6 +12,8 @@ References:
   for model compression <https://arxiv.org/abs/1710.01878>`_, 2017.
   Han et al, `Learning both Weights and Connections for Efficient Neural
   Networks <https://arxiv.org/abs/1506.02626>`_, 2015.
+  Lee et al, `Layer-adaptive sparsity for the Magnitude-based Pruning
+  <https://arxiv.org/abs/2010.07611>`_, 2021.
 """
 
 import numbers
@@ -286,6 +288,71 @@ def global_magnitude_pruning(
     lambda params, state: scores_lib.magnitude(params),
     sparsity,
     pattern=pattern,
+    allocation=allocation_lib.GlobalThreshold(),
+    where=where,
+    update_every=update_every,
+    begin_step=begin_step,
+    end_step=end_step,
+  )
+
+
+def lamp_pruning(
+  sparsity: ScalarOrSchedule,
+  *,
+  where: Selection = None,
+  update_every: Step = 100,
+  begin_step: Step = 0,
+  end_step: Step | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """LAMP: global pruning by layer-adaptive magnitude scores.
+
+  Each selected leaf scores its entries with LAMP (Lee et al 2021, eq. 2):
+  with the leaf's entries indexed by ascending ``|w|``,
+
+  ``score(u) = w_u^2 / sum_{v >= u} w_v^2``,
+
+  and the masks keep the global top ``N - round(s N)`` scores over the ``N``
+  selected weights (:func:`jaxsparse.global_threshold`, exact counts). The
+  scores are normalised per layer, so this one global threshold yields
+  layer-adaptive sparsities, and the largest weight of every layer (score 1)
+  survives whenever at least one weight per layer is kept. Ties in ``|w|``
+  are ordered by flat index (see :func:`jaxsparse.scores.lamp`). As in the
+  paper, the scores are recomputed from the current weights at each pruning
+  step (``update_every``), so a schedule gives iterative LAMP pruning.
+
+  Args:
+    sparsity: fraction of zeros in ``[0, 1)`` or a schedule.
+    where: static; which params are sparsified.
+    update_every: static; steps between mask updates.
+    begin_step: first mask update.
+    end_step: last mask update; ``None``: no end.
+
+  Returns:
+    An optax transformation with state :class:`MagnitudePruningState`.
+
+  Examples:
+    LAMP scores do not change when a layer is rescaled, so a layer of small
+    weights keeps as many as a layer of large ones here:
+
+    >>> import jax.numpy as jnp, optax
+    >>> from jaxsparse.methods import pruning
+    >>> params = {"a": jnp.array([[1.0, 2.0], [3.0, 4.0]]),
+    ...           "b": jnp.array([[0.1, 0.2], [0.3, 0.4]])}
+    >>> tx = optax.chain(optax.sgd(0.0), pruning.lamp_pruning(0.5))
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> new = optax.apply_updates(params, updates)
+    >>> (new["a"] != 0).tolist(), (new["b"] != 0).tolist()
+    ([[False, False], [True, True]], [[False, False], [True, True]])
+
+  References:
+    Lee et al, `Layer-adaptive sparsity for the Magnitude-based Pruning
+    <https://arxiv.org/abs/2010.07611>`_, 2021.
+  """
+  return _score_pruning(
+    "lamp_pruning",
+    lambda params, state: scores_lib.lamp(params),
+    sparsity,
+    pattern=patterns_lib.Unstructured(),
     allocation=allocation_lib.GlobalThreshold(),
     where=where,
     update_every=update_every,
