@@ -455,7 +455,14 @@ def train_model(
   final.update(sparsity_stats(params, masks, where), train_time_s=train_time)
   if sparse:
     print(f"\n{name}: per-layer summary")
-    print(js.summary(params, masks, parse_pattern(config.pattern)))
+    # With pattern "default" the method picks its pattern; the table then
+    # checks only that masks and zeros agree (any mask is Unstructured).
+    pattern = (
+      js.Unstructured()
+      if config.pattern == "default"
+      else parse_pattern(config.pattern)
+    )
+    print(js.summary(params, masks, pattern))
   return final
 
 
