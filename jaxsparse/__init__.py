@@ -50,6 +50,14 @@ from jaxsparse.methods.regularisers import GroupLassoState as GroupLassoState
 from jaxsparse.methods.regularisers import LobsterState as LobsterState
 from jaxsparse.methods.regularisers import group_lasso as group_lasso
 from jaxsparse.methods.regularisers import lobster as lobster
+from jaxsparse.methods.straight_through import SSTEState as SSTEState
+from jaxsparse.methods.straight_through import (
+  StraightThroughState as StraightThroughState,
+)
+from jaxsparse.methods.straight_through import s_ste as s_ste
+from jaxsparse.methods.straight_through import sr_ste as sr_ste
+from jaxsparse.methods.straight_through import st3 as st3
+from jaxsparse.methods.straight_through import ste as ste
 from jaxsparse.patterns import NM as NM
 from jaxsparse.patterns import Block as Block
 from jaxsparse.patterns import Channel as Channel
@@ -83,8 +91,10 @@ __all__ = [
   "NM",
   "Pattern",
   "RandomPruningState",
+  "SSTEState",
   "SparsifyState",
   "StraightThrough",
+  "StraightThroughState",
   "Summary",
   "Uniform",
   "Unstructured",
@@ -109,10 +119,14 @@ __all__ = [
   "random_pruning",
   "resolve_where",
   "rigl",
+  "s_ste",
   "set_sparse",
   "snip",
   "snip_scores",
   "sparsify",
+  "sr_ste",
+  "st3",
+  "ste",
   "summary",
   "synflow",
   "synflow_scores",

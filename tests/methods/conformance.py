@@ -28,7 +28,7 @@ class Config(NamedTuple):
   # False for methods whose sparsity follows a threshold, not a count (e.g.
   # regularisers); their masks must still match the zeros.
   exact_counts: bool = True
-  
+
 
 def constant(value):
   return lambda count: value
@@ -111,58 +111,44 @@ CONFIGS = {
   # -- straight-through and N:M training (STE, SR-STE, ST-3, S-STE) --
   # (until the names are exported from jaxsparse, reach the module directly)
   "ste": Config(
-    lambda: __import__(
-      "jaxsparse.methods.straight_through", fromlist=["ste"]
-    ).ste(js.gmp(0.9, 0, 6)),
+    lambda: js.ste(js.gmp(0.9, 0, 6)),
     sparsity_at=lambda count: float(js.gmp(0.9, 0, 6)(count)),
     last_update=lambda count: count,
   ),
   "ste_nm": Config(
-    lambda: __import__(
-      "jaxsparse.methods.straight_through", fromlist=["ste"]
-    ).ste(pattern=js.NM(2, 4)),
+    lambda: js.ste(pattern=js.NM(2, 4)),
     pattern=js.NM(2, 4),
     sparsity_at=constant(0.5),
     last_update=lambda count: count,
   ),
   "sr_ste": Config(
-    lambda: __import__(
-      "jaxsparse.methods.straight_through", fromlist=["sr_ste"]
-    ).sr_ste(js.NM(2, 4), decay=0.1),
+    lambda: js.sr_ste(js.NM(2, 4), decay=0.1),
     pattern=js.NM(2, 4),
     sparsity_at=constant(0.5),
     needs_grads=True,
     last_update=lambda count: count,
   ),
   "sr_ste_14": Config(
-    lambda: __import__(
-      "jaxsparse.methods.straight_through", fromlist=["sr_ste"]
-    ).sr_ste(js.NM(1, 4)),
+    lambda: js.sr_ste(js.NM(1, 4)),
     pattern=js.NM(1, 4),
     sparsity_at=constant(0.75),
     needs_grads=True,
     last_update=lambda count: count,
   ),
   "st3": Config(
-    lambda: __import__(
-      "jaxsparse.methods.straight_through", fromlist=["st3"]
-    ).st3(js.gmp(0.9, 0, 6)),
+    lambda: js.st3(js.gmp(0.9, 0, 6)),
     allocation=js.GlobalThreshold(),
     sparsity_at=lambda count: float(js.gmp(0.9, 0, 6)(count)),
     last_update=lambda count: count,
   ),
   "st3_sigma": Config(
-    lambda: __import__(
-      "jaxsparse.methods.straight_through", fromlist=["st3"]
-    ).st3(0.85, sigma=True),
+    lambda: js.st3(0.85, sigma=True),
     allocation=js.GlobalThreshold(),
     sparsity_at=constant(0.85),
     last_update=lambda count: count,
   ),
   "s_ste": Config(
-    lambda: __import__(
-      "jaxsparse.methods.straight_through", fromlist=["s_ste"]
-    ).s_ste(js.NM(2, 4)),
+    lambda: js.s_ste(js.NM(2, 4)),
     pattern=js.NM(2, 4),
     sparsity_at=constant(0.5),
     last_update=lambda count: count,
@@ -216,16 +202,14 @@ CONFIGS = {
   ),
   # -- others (AC/DC, LAMP, LOBSTER, group lasso) --
   "lamp": Config(
-    lambda: __import__(
-      "jaxsparse.methods.pruning", fromlist=["lamp_pruning"]
-    ).lamp_pruning(0.85, update_every=2),
+    lambda: js.lamp_pruning(0.85, update_every=2),
     allocation=js.GlobalThreshold(),
     sparsity_at=constant(0.85),
   ),
   # Phases over steps 0..6: dense, sparse x2, dense x3 (the last one is the
   # final dense phase), sparse; masks change at every phase switch.
   "acdc": Config(
-    lambda: __import__("jaxsparse.methods.acdc", fromlist=["acdc"]).acdc(
+    lambda: js.acdc(
       0.8,
       total_steps=8,
       warmup_steps=1,
@@ -238,7 +222,7 @@ CONFIGS = {
     last_update=lambda count: count,
   ),
   "acdc_block": Config(
-    lambda: __import__("jaxsparse.methods.acdc", fromlist=["acdc"]).acdc(
+    lambda: js.acdc(
       0.75,
       total_steps=8,
       warmup_steps=1,
@@ -253,23 +237,17 @@ CONFIGS = {
     last_update=lambda count: count,
   ),
   "lobster": Config(
-    lambda: __import__(
-      "jaxsparse.methods.regularisers", fromlist=["lobster"]
-    ).lobster(0.1, 0.3, prune_every=2),
+    lambda: js.lobster(0.1, 0.3, prune_every=2),
     needs_grads=True,
     exact_counts=False,
   ),
   "group_lasso_channel": Config(
-    lambda: __import__(
-      "jaxsparse.methods.regularisers", fromlist=["group_lasso"]
-    ).group_lasso(10.0, 0.1, js.Channel()),
+    lambda: js.group_lasso(10.0, 0.1, js.Channel()),
     pattern=js.Channel(),
     exact_counts=False,
   ),
   "group_lasso_block": Config(
-    lambda: __import__(
-      "jaxsparse.methods.regularisers", fromlist=["group_lasso"]
-    ).group_lasso(10.0, 0.1, js.Block(4, 4)),
+    lambda: js.group_lasso(10.0, 0.1, js.Block(4, 4)),
     pattern=js.Block(4, 4),
     exact_counts=False,
   ),
