@@ -13,8 +13,9 @@ column at the end. Methods and their schedules (T = 4,680 steps, E = 468):
 * STE (constant sparsity, masks from the dense weights every step); ST-3
   (global soft threshold on the cubic ramp);
 * AC/DC (the paper's schedule scaled to T: 10% dense warm-up, alternating
-  5% phases, 10% dense, the last 15% sparse); LOBSTER (loss-based sensitivity shrinkage then
-  threshold pruning; its sparsity is whatever the threshold gives).
+  5% phases, 10% dense, the last 15% sparse); LOBSTER (loss-based
+  sensitivity shrinkage, then pruning below a threshold chosen per column;
+  its sparsity is whatever the threshold gives).
 
 Run from the repository root (results in
 ``experiments/results/mnist_lenet300.md``)::
@@ -57,6 +58,12 @@ def get_study(arg: str | None = None) -> dict:
     update_every=every,
   )
   fixed = dict(schedule="constant", begin_step=0, update_every=steps)
+  columns = [
+    (f"{round(100 * s)}%", dict(final_sparsity=s))
+    for s in (0.8, 0.9, 0.95, 0.98)
+  ]
+  if arg == "runlocal":
+    columns = columns[1:2]
   methods = [
     ("dense", dict(method="dense")),
     ("random-ERK", dict(method="random", allocation="erk", **fixed)),
@@ -78,13 +85,33 @@ def get_study(arg: str | None = None) -> dict:
         method="acdc", allocation="default", method_args=dict(total_steps=steps)
       ),
     ),
+    # LOBSTER has no sparsity target: |w| < threshold is pruned once per
+    # epoch. λ = 1e-3 and the per-column thresholds were set from single
+    # seed-0 runs (threshold 0.01 / 0.02 / 0.04 gave 63% / 76% / 89%); the
+    # achieved sparsity table says what each reached.
+    (
+      "LOBSTER",
+      dict(
+        method="lobster",
+        allocation="default",
+        pattern="default",
+        begin_step=epoch,
+        method_args=dict(decay=1e-3, prune_every=epoch),
+        per_column={
+          label: dict(
+            method_args=dict(decay=1e-3, prune_every=epoch, threshold=threshold)
+          )
+          for label, threshold in (
+            ("80%", 0.025),
+            ("90%", 0.042),
+            ("95%", 0.06),
+            ("98%", 0.09),
+          )
+          if label in dict(columns)
+        },
+      ),
+    ),
   ]
-  columns = [
-    (f"{round(100 * s)}%", dict(final_sparsity=s))
-    for s in (0.8, 0.9, 0.95, 0.98)
-  ]
-  if arg == "runlocal":
-    columns = columns[1:2]
   return dict(
     name="mnist_lenet300",
     title="LeNet-300-100 on MNIST: test accuracy vs sparsity",
