@@ -152,9 +152,11 @@ def run_all(runs: list[dict], jobs: int) -> None:
 
 
 def collect(runs: list[dict]) -> dict:
-  """(method, column) -> list of final metrics over seeds."""
+  """(method, column) -> list of final metrics over the finished seeds."""
   cells: dict = {}
   for r in runs:
+    if not os.path.exists(r["final"]):
+      continue
     with open(r["final"]) as f:
       final = json.load(f)["results"]
     result = final.get("sparse", final.get("dense"))
@@ -165,7 +167,7 @@ def collect(runs: list[dict]) -> dict:
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
   v = scale * np.asarray(values, np.float64)
   std = v.std(ddof=1) if len(v) > 1 else 0.0
-  return f"{v.mean():.{digits}f} ± {std:.{digits}f}"
+  return f"{v.mean():.{digits}f} ± {std:.{digits}f} ({len(v)})"
 
 
 def table(study: dict, cells: dict, metric: str, scale: float, digits: int):
@@ -196,9 +198,9 @@ def plot(study: dict, cells: dict, path: str) -> None:
     dense = (method, None) in cells
     accs = []
     for column, _ in study["columns"]:
-      results = cells[(method, None if dense else column)]
+      results = cells.get((method, None if dense else column), [])
       accs.append([100 * r["test_accuracy"] for r in results])
-    mean = [np.mean(a) for a in accs]
+    mean = [np.mean(a) if a else np.nan for a in accs]
     std = [np.std(a, ddof=1) if len(a) > 1 else 0.0 for a in accs]
     if dense:
       axes.axhline(mean[0], color="black", linestyle="--", label=method)
@@ -215,7 +217,12 @@ def plot(study: dict, cells: dict, path: str) -> None:
 
 
 def write_results(
-  study: dict, cells: dict, out: str, command: str, seconds: float
+  study: dict,
+  cells: dict,
+  out: str,
+  command: str,
+  seconds: float,
+  planned: int | None = None,
 ) -> str:
   import jax
 
@@ -228,6 +235,7 @@ def write_results(
     if NOTES_MARKER in text:
       notes = text[text.index(NOTES_MARKER) :]
   plot_name = f"{study['name']}.png"
+  finished = sum(len(v) for v in cells.values())
   plot(study, cells, os.path.join(out, plot_name))
   seeds = ", ".join(map(str, study["seeds"]))
   header = [
@@ -237,7 +245,14 @@ def write_results(
     f"{platform.machine()} CPU x{os.cpu_count()} ({platform.system()}), "
     f"jax {jax.__version__}, Python {platform.python_version()}; "
     f"{seconds / 60:.1f} min for the runs this invocation trained.",
-    f"Seeds {seeds}; each cell is mean ± std over seeds (sample std).",
+    f"Seeds {seeds}; each cell is mean ± std (sample std) over the seeds "
+    "finished, their number in brackets."
+    + (
+      ""
+      if planned is None or finished == planned
+      else f" **Incomplete: {finished} of {planned} runs finished**; run "
+      "the command again to train the rest."
+    ),
     "",
     "## Test accuracy (%)",
     "",
@@ -279,6 +294,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument(
     "--out", default="experiments/results", help="results folder"
   )
+  parser.add_argument(
+    "--table_only",
+    action="store_true",
+    help="write the table from the runs finished so far; train nothing",
+  )
   args = parser.parse_args(argv)
   base, study, arg = load_study(args.config)
   name = study["name"] + (f"_{arg}" if arg else "")
@@ -286,12 +306,15 @@ def main(argv: list[str] | None = None) -> None:
   workdir = args.workdir or os.path.join("/tmp/jaxsparse", name)
   runs = plan_runs(base, study, workdir)
   start = time.perf_counter()
-  run_all(runs, args.jobs)
+  if not args.table_only:
+    run_all(runs, args.jobs)
   seconds = time.perf_counter() - start
   command = "python -m experiments.sweep " + " ".join(
     a for a in (argv if argv is not None else sys.argv[1:])
   )
-  path = write_results(study, collect(runs), args.out, command, seconds)
+  path = write_results(
+    study, collect(runs), args.out, command, seconds, planned=len(runs)
+  )
   print(f"wrote {path}")
 
 
