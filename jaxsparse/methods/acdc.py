@@ -47,8 +47,6 @@ PAPER_FRACTIONS = {
   "final_sparse_steps": 0.15,
 }
 
-GLOBAL = allocation_lib.GlobalThreshold()  # the default allocation (immutable)
-
 
 class ACDCSchedule(NamedTuple):
   """When AC/DC is sparse; all fields are static step counts.
@@ -184,7 +182,7 @@ def acdc(
   final_dense_steps: int | None = None,
   final_sparse_steps: int | None = None,
   pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
-  allocation: allocation_lib.Allocation = GLOBAL,
+  allocation: allocation_lib.Allocation = allocation_lib.GlobalThreshold(),
   where: Selection = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AC/DC: alternate dense training with fixed-support sparse training.

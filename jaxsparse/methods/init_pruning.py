@@ -277,7 +277,7 @@ def snip(
   batch: Any,
   *,
   pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
-  allocation: allocation_lib.Allocation = allocation_lib.GlobalThreshold(),  # noqa: B008
+  allocation: allocation_lib.Allocation = allocation_lib.GlobalThreshold(),
   where: Selection = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SNIP: prune at init the weights of smallest connection sensitivity.
@@ -343,7 +343,7 @@ def grasp(
   batch: Any,
   *,
   pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
-  allocation: allocation_lib.Allocation = allocation_lib.GlobalThreshold(),  # noqa: B008
+  allocation: allocation_lib.Allocation = allocation_lib.GlobalThreshold(),
   where: Selection = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GraSP: prune at init the weights that preserve the gradient flow.
@@ -400,7 +400,7 @@ def synflow(
   *,
   iterations: int = 100,
   pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
-  allocation: allocation_lib.Allocation = allocation_lib.GlobalThreshold(),  # noqa: B008
+  allocation: allocation_lib.Allocation = allocation_lib.GlobalThreshold(),
   where: Selection = None,
   dtype: DTypeLike = jnp.float32,
 ) -> optax.GradientTransformationExtraArgs:

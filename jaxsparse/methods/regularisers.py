@@ -39,8 +39,6 @@ from jaxsparse.types import (
   Updates,
 )
 
-CHANNELS = patterns_lib.Channel()  # group_lasso's default pattern (immutable)
-
 
 class LobsterState(NamedTuple):
   """State of :func:`lobster`.
@@ -349,7 +347,7 @@ def _prox_step(
 def group_lasso(
   strength: ScalarOrSchedule,
   learning_rate: ScalarOrSchedule,
-  pattern: patterns_lib.Pattern = CHANNELS,
+  pattern: patterns_lib.Pattern = patterns_lib.Channel(),
   *,
   where: Selection = None,
 ) -> optax.GradientTransformationExtraArgs:

@@ -59,7 +59,6 @@ from jaxsparse.types import (
 )
 
 # The default N:M pattern (NVIDIA's 2:4), an immutable NamedTuple.
-TWO_FOUR = patterns_lib.NM(2, 4)
 
 # Schedules are checked at these steps; 2**30 stands for "after training".
 _PROBES = (0, 2**30)
@@ -355,7 +354,7 @@ def ste(
 
 
 def sr_ste(
-  pattern: patterns_lib.Pattern = TWO_FOUR,
+  pattern: patterns_lib.Pattern = patterns_lib.NM(2, 4),
   *,
   sparsity: ScalarOrSchedule | None = None,
   decay: float = 2e-4,
@@ -591,7 +590,7 @@ def _mse_scale(pattern: patterns_lib.NM, d: Array) -> Float[Array, ""]:
 
 
 def s_ste(
-  pattern: patterns_lib.Pattern = TWO_FOUR,
+  pattern: patterns_lib.Pattern = patterns_lib.NM(2, 4),
   *,
   where: Selection = None,
 ) -> StraightThrough:

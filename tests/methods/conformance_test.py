@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
-from etils import epath
 from absl.testing import absltest, parameterized
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
