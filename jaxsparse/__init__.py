@@ -27,8 +27,11 @@ from jaxsparse.methods.acdc import ACDCState as ACDCState
 from jaxsparse.methods.acdc import acdc as acdc
 from jaxsparse.methods.acdc import acdc_schedule as acdc_schedule
 from jaxsparse.methods.dynamic import DynamicSparseState as DynamicSparseState
+from jaxsparse.methods.dynamic import SNFSState as SNFSState
 from jaxsparse.methods.dynamic import rigl as rigl
 from jaxsparse.methods.dynamic import set_sparse as set_sparse
+from jaxsparse.methods.dynamic import snfs as snfs
+from jaxsparse.methods.dynamic import srigl as srigl
 from jaxsparse.methods.init_pruning import InitPruningState as InitPruningState
 from jaxsparse.methods.init_pruning import grasp as grasp
 from jaxsparse.methods.init_pruning import grasp_scores as grasp_scores
@@ -91,6 +94,7 @@ __all__ = [
   "NM",
   "Pattern",
   "RandomPruningState",
+  "SNFSState",
   "SSTEState",
   "SparsifyState",
   "StraightThrough",
@@ -121,10 +125,12 @@ __all__ = [
   "rigl",
   "s_ste",
   "set_sparse",
+  "snfs",
   "snip",
   "snip_scores",
   "sparsify",
   "sr_ste",
+  "srigl",
   "st3",
   "ste",
   "summary",

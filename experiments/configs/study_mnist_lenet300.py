@@ -72,7 +72,13 @@ def get_study(arg: str | None = None) -> dict:
     ("SynFlow", dict(method="synflow", allocation="default", **fixed)),
     ("SET", dict(method="set", allocation="er", **rewire)),
     ("RigL", dict(method="rigl", allocation="erk", **rewire)),
-    ("SNFS", dict(method="snfs", allocation="default", **rewire)),
+    # SNFS prunes and regrows once per epoch, as in the paper.
+    (
+      "SNFS",
+      dict(
+        method="snfs", allocation="default", **dict(rewire, update_every=epoch)
+      ),
+    ),
     ("GMP", dict(method="gmp", **ramp)),
     ("STE", dict(method="ste", **fixed)),
     ("ST-3", dict(method="st3", allocation="default", **ramp)),

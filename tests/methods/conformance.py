@@ -177,7 +177,7 @@ CONFIGS = {
   # SNFS moves weights between layers (only the total is fixed), so the
   # per-leaf counts are not known here; dynamic_test checks the total.
   "snfs": Config(
-    lambda: js.methods.dynamic.snfs(0.8, update_every=2, end_step=6),
+    lambda: js.snfs(0.8, update_every=2, end_step=6),
     sparsity_at=constant(0.8),
     needs_grads=True,
     exact_counts=False,
@@ -185,17 +185,13 @@ CONFIGS = {
   # Constant fan-in at 0.75: every fan-in (36, 16, 32) keeps a quarter, so
   # out * k equals the per-leaf count exactly.
   "srigl": Config(
-    lambda: js.methods.dynamic.srigl(
-      0.75, update_every=2, end_step=6, ablation_threshold=0.0
-    ),
+    lambda: js.srigl(0.75, update_every=2, end_step=6, ablation_threshold=0.0),
     sparsity_at=constant(0.75),
     needs_grads=True,
   ),
   # With ablation the fan-in is floor(B / a): the count may drop by B mod a.
   "srigl_ablation": Config(
-    lambda: js.methods.dynamic.srigl(
-      0.75, update_every=2, ablation_threshold=0.9
-    ),
+    lambda: js.srigl(0.75, update_every=2, ablation_threshold=0.9),
     sparsity_at=constant(0.75),
     needs_grads=True,
     exact_counts=False,
