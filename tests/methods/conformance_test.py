@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
+import pytest
 from absl.testing import absltest, parameterized
 from etils import epath
 from jax.sharding import NamedSharding
@@ -23,40 +24,51 @@ def _named(**kwargs):
   return [dict(testcase_name=name, name=name, **kwargs) for name in NAMES]
 
 
+def _zeros_cases(combinations):
+  return [
+    dict(
+      testcase_name=f"{name}_{dtype}_{wrap}", name=name, dtype=dtype, wrap=wrap
+    )
+    for name in NAMES
+    for dtype, wrap in combinations
+  ]
+
+
+def check_zeros_and_counts(testcase, name, dtype, wrap):
+  """Seven steps: pruned entries bitwise zero, masks follow the pattern and
+  hold the expected counts after every step."""
+  config = cf.CONFIGS[name]
+  method = config.make()
+  if wrap == "sparsify" or config.needs_grads:
+    tx = js.sparsify(optax.adam(1e-2), method)
+  else:
+    tx = optax.chain(optax.sgd(1e-2, momentum=0.9), method)
+  step = jax.jit(tx.update)
+  initial = cf.make_params(jnp.dtype(dtype))
+  for count, params, state in cf.run(tx, initial, 7, step):
+    masks = js.masks(state)
+    cf.assert_pruned_are_zero(testcase, params, masks)
+    for m in jax.tree.leaves(masks):
+      testcase.assertTrue(patterns.follows(config.pattern, m))
+    if config.exact_counts:
+      testcase.assertEqual(
+        cf.kept_counts(
+          params, masks, isinstance(config.allocation, js.GlobalThreshold)
+        ),
+        cf.expected_counts(config, params, masks, config.last_update(count)),
+      )
+
+
 class ConformanceTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
     chex.clear_trace_counter()
 
   @parameterized.named_parameters(
-    dict(
-      testcase_name=f"{name}_{dtype}_{wrap}", name=name, dtype=dtype, wrap=wrap
-    )
-    for name in NAMES
-    for dtype in ("float32", "bfloat16")
-    for wrap in ("sparsify", "chain")
+    _zeros_cases((("float32", "sparsify"), ("bfloat16", "chain")))
   )
   def test_zeros_after_every_step_and_exact_counts(self, name, dtype, wrap):
-    config = cf.CONFIGS[name]
-    method = config.make()
-    if wrap == "sparsify" or config.needs_grads:
-      tx = js.sparsify(optax.adam(1e-2), method)
-    else:
-      tx = optax.chain(optax.sgd(1e-2, momentum=0.9), method)
-    step = jax.jit(tx.update)
-    initial = cf.make_params(jnp.dtype(dtype))
-    for count, params, state in cf.run(tx, initial, 7, step):
-      masks = js.masks(state)
-      cf.assert_pruned_are_zero(self, params, masks)
-      for m in jax.tree.leaves(masks):
-        self.assertTrue(patterns.follows(config.pattern, m))
-      if config.exact_counts:
-        self.assertEqual(
-          cf.kept_counts(
-            params, masks, isinstance(config.allocation, js.GlobalThreshold)
-          ),
-          cf.expected_counts(config, params, masks, config.last_update(count)),
-        )
+    check_zeros_and_counts(self, name, dtype, wrap)
 
   @parameterized.named_parameters(_named())
   def test_eager_equals_jit(self, name):
@@ -95,8 +107,11 @@ class ConformanceTest(parameterized.TestCase):
       tx = js.sparsify(optax.sgd(0.1), method)
     else:
       tx = optax.chain(optax.sgd(0.1), method)
+    # Traced under the strict setting (part of jit's cache key); init runs
+    # eagerly under it too.
     with jax.numpy_dtype_promotion("strict"):
-      for _, params, state in cf.run(tx, cf.make_params(jnp.bfloat16), 3):
+      step = jax.jit(tx.update)
+      for _, params, state in cf.run(tx, cf.make_params(jnp.bfloat16), 3, step):
         cf.assert_pruned_are_zero(self, params, js.masks(state))
 
   @parameterized.named_parameters(_named())
@@ -141,8 +156,9 @@ class ConformanceTest(parameterized.TestCase):
     chex.assert_trees_all_equal(restored, state)
     # The restored state carries on exactly as the original.
     grads = cf.fake_grads(params, 3)
+    step = jax.jit(tx.update)
     chex.assert_trees_all_equal(
-      tx.update(grads, restored, params), tx.update(grads, state, params)
+      step(grads, restored, params), step(grads, state, params)
     )
 
   def test_inject_hyperparams_changes_sparsity_without_retrace(self):
@@ -169,6 +185,21 @@ class ConformanceTest(parameterized.TestCase):
       self.assertEqual(
         int(kernel.sum()), kernel.size - round(sparsity * kernel.size)
       )
+
+
+@pytest.mark.slow
+class SlowConformanceTest(parameterized.TestCase):
+  """The other two dtype/wrapper combinations (``pytest -m slow``)."""
+
+  def setUp(self):
+    super().setUp()
+    chex.clear_trace_counter()
+
+  @parameterized.named_parameters(
+    _zeros_cases((("float32", "chain"), ("bfloat16", "sparsify")))
+  )
+  def test_zeros_after_every_step_and_exact_counts(self, name, dtype, wrap):
+    check_zeros_and_counts(self, name, dtype, wrap)
 
 
 if __name__ == "__main__":
