@@ -84,7 +84,12 @@ def _is_floating(leaf: Any) -> bool:
   return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
 
 
-def resolve_where(where: Selection, params: Params, method: str) -> PyTree:
+def resolve_where(
+  where: Selection,
+  params: Params,
+  method: str,
+  pattern: patterns_lib.Pattern | None = None,
+) -> PyTree:
   """The static selection as a params-shaped tree of Python bools.
 
   Args:
@@ -94,10 +99,13 @@ def resolve_where(where: Selection, params: Params, method: str) -> PyTree:
       ``optax.masked``.
     params: the params (arrays, tracers or ``ShapeDtypeStruct``).
     method: the method's name, for error messages.
+    pattern: if given, each selected leaf is checked against it
+      (:func:`jaxsparse.patterns.check_leaf`).
 
   Raises:
     ValueError: nothing is selected, an ``exclude`` regex matches no param, a
-      selected param is not floating point, or a bool tree does not match.
+      selected param is not floating point or does not fit ``pattern``, or a
+      bool tree does not match.
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [path_str(p) for p, _ in flat]
@@ -123,10 +131,10 @@ def resolve_where(where: Selection, params: Params, method: str) -> PyTree:
         "regex, or a (path, leaf) predicate."
       ) from None
   if isinstance(where, DefaultWhere):
-    for pattern in where.exclude:
-      if not any(re.search(pattern, path) for path in paths):
+    for excluded in where.exclude:
+      if not any(re.search(excluded, path) for path in paths):
         raise ValueError(
-          f"{method}: exclude={pattern!r} matches no param; the params are "
+          f"{method}: exclude={excluded!r} matches no param; the params are "
           f"{paths}."
         )
   if not any(chosen):
@@ -141,6 +149,8 @@ def resolve_where(where: Selection, params: Params, method: str) -> PyTree:
         f"{method}: {path} has dtype {jnp.result_type(leaf)}; only floating "
         "params can be sparsified. Exclude it with `where=`."
       )
+    if c and pattern is not None:
+      patterns_lib.check_leaf(pattern, jnp.shape(leaf), f"{method}: {path}")
   return jax.tree_util.tree_unflatten(treedef, chosen)
 
 

@@ -264,14 +264,7 @@ def acdc(
   sparsity = _resolve_sparsity(sparsity, pattern, allocation, probes, "acdc")
 
   def init_fn(params: Params) -> ACDCState:
-    chosen = masks_lib.resolve_where(where, params, "acdc")
-    for path, leaf, c in zip(
-      masks_lib.leaf_paths(params),
-      jax.tree.leaves(params),
-      jax.tree.leaves(chosen),
-    ):
-      if c:
-        patterns_lib.check_leaf(pattern, jnp.shape(leaf), f"acdc: {path}")
+    chosen = masks_lib.resolve_where(where, params, "acdc", pattern)
     return ACDCState(
       jnp.zeros([], jnp.int32),
       masks_lib.init_masks(params, chosen),

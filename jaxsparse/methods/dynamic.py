@@ -277,10 +277,6 @@ def _no_global_threshold(name: str, allocation: object) -> None:
     )
 
 
-def _selected(name: str, where: Selection, params: Params) -> PyTree:
-  return masks_lib.resolve_where(where, params, name)
-
-
 def _check_leaves(
   name: str, params: Params, chosen: PyTree, check: Callable[..., None]
 ) -> None:
@@ -373,10 +369,7 @@ def _dynamic(
   _check_unit_interval(name, "drop_fraction", drop_fraction)
 
   def init_fn(params: Params) -> DynamicSparseState:
-    chosen = _selected(name, where, params)
-    _check_leaves(
-      name, params, chosen, lambda s, p: patterns_lib.check_leaf(pattern, s, p)
-    )
+    chosen = masks_lib.resolve_where(where, params, name, pattern)
     return DynamicSparseState(
       jnp.zeros([], jnp.int32),
       jax.random.key_data(jax.random.key(seed)),
@@ -757,7 +750,7 @@ def snfs(
   beta = float(momentum)
 
   def init_fn(params: Params) -> SNFSState:
-    chosen = _selected(name, where, params)
+    chosen = masks_lib.resolve_where(where, params, name)
     return SNFSState(
       jnp.zeros([], jnp.int32),
       jax.random.key_data(jax.random.key(seed)),
@@ -1028,7 +1021,7 @@ def srigl(
     return jax.tree.unflatten(treedef, out)
 
   def init_fn(params: Params) -> DynamicSparseState:
-    chosen = _selected(name, where, params)
+    chosen = masks_lib.resolve_where(where, params, name)
     _check_leaves(name, params, chosen, _check_fan_in_leaf)
     return DynamicSparseState(
       jnp.zeros([], jnp.int32),

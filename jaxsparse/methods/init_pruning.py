@@ -90,21 +90,6 @@ def _check_sparsity(
   return float(_resolve_sparsity(sparsity, pattern, allocation, (0,), name))
 
 
-def _selection(
-  params: Params, where: Selection, pattern: patterns_lib.Pattern, name: str
-) -> PyTree[bool]:
-  """The static selection, each selected leaf checked against the pattern."""
-  chosen = masks_lib.resolve_where(where, params, name)
-  for path, leaf, c in zip(
-    masks_lib.leaf_paths(params),
-    jax.tree.leaves(params),
-    jax.tree.leaves(chosen),
-  ):
-    if c:
-      patterns_lib.check_leaf(pattern, jnp.shape(leaf), f"{name}: {path}")
-  return chosen
-
-
 def _check_loss(loss_fn: LossFn, params: Params, batch: Any, name: str) -> None:
   out = jax.eval_shape(loss_fn, params, batch)
   if not (
@@ -325,7 +310,7 @@ def snip(
   _check_callable(loss_fn, "loss_fn", name, "(params, batch) -> scalar")
 
   def compute_masks(params):
-    chosen = _selection(params, where, pattern, name)
+    chosen = masks_lib.resolve_where(where, params, name, pattern)
     return masks_lib.reselect(
       snip_scores(loss_fn, params, batch),
       masks_lib.init_masks(params, chosen),
@@ -381,7 +366,7 @@ def grasp(
   _check_callable(loss_fn, "loss_fn", name, "(params, batch) -> scalar")
 
   def compute_masks(params):
-    chosen = _selection(params, where, pattern, name)
+    chosen = masks_lib.resolve_where(where, params, name, pattern)
     return masks_lib.reselect(
       grasp_scores(loss_fn, params, batch, where=chosen),
       masks_lib.init_masks(params, chosen),
@@ -480,7 +465,7 @@ def synflow(
   density = 1.0 - target
 
   def compute_masks(params):
-    chosen = _selection(params, where, pattern, name)
+    chosen = masks_lib.resolve_where(where, params, name, pattern)
 
     def prune_round(k, masks):
       scores = synflow_scores(apply_fn, params, masks, input_shape, dtype=dtype)

@@ -143,14 +143,7 @@ def _score_pruning(
   sparsity = _resolve_sparsity(sparsity, pattern, allocation, probes, name)
 
   def init_fn(params: Params) -> MagnitudePruningState | RandomPruningState:
-    chosen = masks_lib.resolve_where(where, params, name)
-    for path, leaf, c in zip(
-      masks_lib.leaf_paths(params),
-      jax.tree.leaves(params),
-      jax.tree.leaves(chosen),
-    ):
-      if c:
-        patterns_lib.check_leaf(pattern, jnp.shape(leaf), f"{name}: {path}")
+    chosen = masks_lib.resolve_where(where, params, name, pattern)
     masks = masks_lib.init_masks(params, chosen)
     count = jnp.zeros([], jnp.int32)
     if seed is None:

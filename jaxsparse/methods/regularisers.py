@@ -415,16 +415,7 @@ def group_lasso(
   _check_nonnegative(learning_rate, "group_lasso: learning_rate")
 
   def init_fn(params: Params) -> GroupLassoState:
-    chosen = masks_lib.resolve_where(where, params, "group_lasso")
-    for path, leaf, c in zip(
-      masks_lib.leaf_paths(params),
-      jax.tree.leaves(params),
-      jax.tree.leaves(chosen),
-    ):
-      if c:
-        patterns_lib.check_leaf(
-          pattern, jnp.shape(leaf), f"group_lasso: {path}"
-        )
+    chosen = masks_lib.resolve_where(where, params, "group_lasso", pattern)
     return GroupLassoState(
       jnp.zeros([], jnp.int32), masks_lib.init_masks(params, chosen)
     )

@@ -135,14 +135,7 @@ def _init_dense(
   name: str, params: Params, where: Selection, pattern: patterns_lib.Pattern
 ) -> tuple[PyTree, MaskTree]:
   """The dense copy of the selected params and all-True masks."""
-  chosen = masks_lib.resolve_where(where, params, name)
-  for path, leaf, c in zip(
-    masks_lib.leaf_paths(params),
-    jax.tree.leaves(params),
-    jax.tree.leaves(chosen),
-  ):
-    if c:
-      patterns_lib.check_leaf(pattern, jnp.shape(leaf), f"{name}: {path}")
+  chosen = masks_lib.resolve_where(where, params, name, pattern)
   dense = jax.tree.map(lambda p, c: jnp.copy(p) if c else None, params, chosen)
   return dense, masks_lib.init_masks(params, chosen)
 
