@@ -8,6 +8,7 @@ mask tree; it composes with any optax optimizer and any Flax model::
   tx = optax.chain(optax.adamw(1e-3), js.magnitude_pruning(0.9))
 """
 
+from jaxsparse import oneshot as oneshot
 from jaxsparse.allocation import ER as ER
 from jaxsparse.allocation import ERK as ERK
 from jaxsparse.allocation import GlobalThreshold as GlobalThreshold
@@ -120,6 +121,7 @@ __all__ = [
   "magnitude_pruning",
   "masks",
   "masks_from_scores",
+  "oneshot",
   "random_pruning",
   "resolve_where",
   "rigl",
