@@ -124,19 +124,29 @@ def load_idx(data_dir: str) -> Dataset:
 
 
 def batches(
-  x: np.ndarray, y: np.ndarray, batch_size: int, seed: int
+  x: np.ndarray,
+  y: np.ndarray,
+  batch_size: int,
+  seed: int,
+  start_step: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Endless ``(x, y)`` batches, reshuffled every epoch.
+  """Endless ``(x, y)`` batches, reshuffled every epoch; resumable.
 
-  The order comes from ``np.random.default_rng(seed)``, so the same seed gives
-  the same batches. The last incomplete batch of an epoch is dropped, so every
-  batch has ``batch_size`` examples (no retracing).
+  The order comes from ``np.random.default_rng(seed)``: epoch ``e`` is the
+  ``e``-th permutation it draws, and batch ``s`` (counting from 0) is slice
+  ``s mod b`` of epoch ``s div b``'s permutation, with ``b = len(x) div
+  batch_size`` batches per epoch. The batches are thus a pure function of
+  ``(seed, s)``: ``batches(..., start_step=k)`` yields exactly what a fresh
+  iterator yields from its ``k``-th batch on (a resumed run sees the data an
+  uninterrupted one would). The last incomplete batch of an epoch is
+  dropped, so every batch has ``batch_size`` examples (no retracing).
 
   Args:
     x: inputs, first axis the examples.
     y: labels, same length as ``x``.
     batch_size: examples per batch, at most ``len(x)``.
     seed: seed of the shuffling RNG.
+    start_step: index of the first batch to yield (0: from the start).
 
   Yields:
     ``(x[idx], y[idx])`` for successive batches of indices.
@@ -145,9 +155,18 @@ def batches(
     raise ValueError(
       f"batch_size={batch_size} must be in [1, {len(x)}] (the dataset size)."
     )
+  if start_step < 0:
+    raise ValueError(f"start_step={start_step} must be >= 0.")
+  per_epoch = len(x) // batch_size
+  epoch, position = divmod(start_step, per_epoch)
   rng = np.random.default_rng(seed)
+  for _ in range(epoch):  # replay the draws of the skipped epochs
+    rng.permutation(len(x))
   while True:
     order = rng.permutation(len(x))
-    for start in range(0, len(x) - batch_size + 1, batch_size):
+    for start in range(
+      position * batch_size, per_epoch * batch_size, batch_size
+    ):
       idx = order[start : start + batch_size]
       yield x[idx], y[idx]
+    position = 0

@@ -38,15 +38,28 @@ proportional to ``fan_in * fan_out`` times the density of its kernel mask
 during the step (biases and activations, ``O(fan_out)``, are ignored); layers
 without a mask count as dense.
 
-Batches are sharded over the local accelerators (``data`` axis; one device on
-CPU); params and optimizer state are replicated, with shardings derived from
-``jax.eval_shape(tx.init, params)``. Multi-host runs are not supported yet.
+Scale (``docs/scaling.md``): ``mesh`` (shape, axis names, ``auto`` or
+``explicit`` axis types, ``num_devices``: by default every local accelerator,
+one device on CPU) and ``partition`` (``data_parallel``, ``fsdp`` or
+``tensor_parallel``, from :mod:`jaxsparse.sharding`) give params a
+``NamedSharding`` each; masks and every method's state take their params'
+(:func:`jaxsparse.sharding.state_shardings`); batches are split over the
+``data`` axis. The step is ``jax.jit`` with in/out shardings and donated
+state. With ``checkpoint_every`` set, params, optimizer state (masks, PRNG
+keys), dense-equivalent steps and the data position are saved with orbax
+under ``workdir/checkpoints/<model>``; a rerun resumes from the newest
+readable one, onto the current mesh. ``distributed`` (or
+``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``)
+starts ``jax.distributed`` for multi-host runs.
 """
 
 import functools
 import inspect
 import json
+import math
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -57,8 +70,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import tqdm
-from absl import app
+from absl import app, logging
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
@@ -66,6 +81,7 @@ from ml_collections import config_flags
 import jaxsparse as js
 from experiments import data as data_lib
 from experiments import models
+from jaxsparse import sharding as js_sharding
 
 _DEFAULT_CONFIG = os.path.join(
   os.path.dirname(os.path.abspath(__file__)), "configs", "digits_gmp.py"
@@ -325,7 +341,7 @@ def sparsity_stats(params: Any, masks: Any, where: Any) -> dict:
 
 
 # --------------------------------------------------------------------------
-# Training.
+# Devices, meshes and shardings.
 
 
 def training_devices() -> list[jax.Device]:
@@ -334,10 +350,272 @@ def training_devices() -> list[jax.Device]:
   CPU "devices" (``--xla_force_host_platform_device_count``,
   ``jax_num_cpu_devices``) share the same cores, so splitting a batch over
   them gains nothing, and their all-reduces can stall past XLA's rendezvous
-  timeout on a loaded machine.
+  timeout on a loaded machine. Set ``mesh.num_devices`` to use more (tests
+  of sharded training do). In a multi-process run every process's devices
+  are used (:func:`mesh_devices`).
   """
   devices = jax.local_devices()
   return devices[:1] if devices[0].platform == "cpu" else devices
+
+
+def _field(config: ml_collections.ConfigDict, name: str, default: Any) -> Any:
+  """``config[name]``, or ``default`` for configs that predate the field."""
+  return config[name] if name in config else default
+
+
+def mesh_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config.mesh`` with defaults for the fields it lacks."""
+  mesh = ml_collections.ConfigDict(
+    dict(shape=(-1,), axes=("data",), axis_types="auto", num_devices=0)
+  )
+  if "mesh" in config:
+    mesh.update(config.mesh.to_dict())
+  return mesh
+
+
+def mesh_devices(num_devices: int = 0) -> list[jax.Device]:
+  """The devices a mesh spans: ``num_devices`` of them, or the default.
+
+  The default (``0``) is :func:`training_devices` in a single process and
+  every device of every process (``jax.devices()``) in a multi-process run.
+  """
+  available = jax.devices() if jax.process_count() > 1 else jax.local_devices()
+  if num_devices == 0:
+    return available if jax.process_count() > 1 else training_devices()
+  if not 0 < num_devices <= len(available):
+    raise ValueError(
+      f"mesh.num_devices={num_devices}, but {len(available)} devices are "
+      "available; use 0 (the default) or a number up to that. On CPU, more "
+      "devices come from JAX_NUM_CPU_DEVICES=N (before JAX starts)."
+    )
+  return available[:num_devices]
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The mesh of ``config.mesh``: ``shape`` (one ``-1`` = the rest), ``axes``,
+  ``axis_types`` (``auto`` or ``explicit``) over ``num_devices`` devices."""
+  mc = mesh_config(config)
+  devices = mesh_devices(mc.num_devices)
+  shape, axes = list(mc.shape), tuple(mc.axes)
+  if len(shape) != len(axes):
+    raise ValueError(
+      f"mesh.shape={tuple(shape)} and mesh.axes={axes} differ in length; "
+      "give one size per axis name."
+    )
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh.shape={tuple(shape)}: at most one -1.")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(
+        f"mesh.shape={tuple(shape)}: {len(devices)} devices do not divide "
+        f"by {known}; change the fixed sizes or mesh.num_devices."
+      )
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(
+      f"mesh.shape={tuple(shape)} needs {math.prod(shape)} devices but "
+      f"{len(devices)} are used; set mesh.num_devices or use -1."
+    )
+  types = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+  if mc.axis_types not in types:
+    raise ValueError(
+      f"mesh.axis_types={mc.axis_types!r}; use 'auto' or 'explicit'."
+    )
+  return jax.make_mesh(
+    tuple(shape),
+    axes,
+    (types[mc.axis_types],) * len(axes),
+    devices=devices,
+  )
+
+
+def partition_rules(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> Any:
+  """``config.partition``: ``data_parallel``, ``fsdp`` (over ``data``) or
+  ``tensor_parallel`` (over ``model``); see :mod:`jaxsparse.sharding`."""
+  name = _field(config, "partition", "data_parallel")
+  if name not in js_sharding.PRESETS:
+    raise ValueError(
+      f"partition={name!r}; use one of {sorted(js_sharding.PRESETS)}."
+    )
+  needs = {"fsdp": "data", "tensor_parallel": "model"}.get(name)
+  if needs and needs not in mesh.axis_names:
+    raise ValueError(
+      f"partition={name!r} splits params over a {needs!r} mesh axis, but "
+      f"mesh.axes={tuple(mesh.axis_names)}; add it (e.g. "
+      "mesh.shape=(2, -1), mesh.axes=('data', 'model'))."
+    )
+  return js_sharding.PRESETS[name]()
+
+
+def to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host array (the same on every process) as a global array.
+
+  Each process transfers only the shards its own devices hold, so in a
+  multi-process run every process feeds its slice of the global batch.
+  """
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def to_host(tree: Any) -> Any:
+  """NumPy copies of a tree of (possibly multi-process) global arrays."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
+def is_explicit(mesh: jax.sharding.Mesh) -> bool:
+  return any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> bool:
+  """Starts ``jax.distributed`` when the config or environment asks.
+
+  ``config.distributed`` (``enabled``, ``coordinator_address``,
+  ``num_processes``, ``process_id``) or the environment variables
+  ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
+  give the values; ``enabled=True`` with none given lets
+  ``jax.distributed.initialize()`` detect them (Cloud TPU, SLURM, Open MPI).
+  Must run before anything else touches JAX's devices.
+
+  Returns:
+    Whether this call initialised it.
+  """
+  dist = ml_collections.ConfigDict(
+    dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
+  )
+  if "distributed" in config:
+    dist.update(config.distributed.to_dict())
+  env = os.environ
+  address = dist.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "")
+  num = dist.num_processes or int(env.get("JAX_NUM_PROCESSES", "0"))
+  pid = dist.process_id
+  if pid < 0:
+    pid = int(env.get("JAX_PROCESS_ID", "-1"))
+  if not (dist.enabled or address):
+    return False
+  if jax.distributed.is_initialized():
+    return False
+  kwargs = {}
+  if address:
+    kwargs["coordinator_address"] = address
+  if num:
+    kwargs["num_processes"] = num
+  if pid >= 0:
+    kwargs["process_id"] = pid
+  jax.distributed.initialize(**kwargs)
+  return True
+
+
+# --------------------------------------------------------------------------
+# Checkpoints.
+
+
+def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  """An orbax manager of ``state`` (arrays) + ``meta`` (JSON) items."""
+  return ocp.CheckpointManager(
+    os.path.abspath(directory),
+    options=ocp.CheckpointManagerOptions(max_to_keep=keep or None),
+    item_names=("state", "meta"),
+  )
+
+
+def save_checkpoint(
+  manager: ocp.CheckpointManager, step: int, state: Any, meta: dict
+) -> None:
+  """Starts an (asynchronous) save of ``state`` and ``meta`` at ``step``."""
+  manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+    ),
+  )
+
+
+def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Renames unreadable step folders to ``<step>.corrupt-<time>``.
+
+  Kept for inspection, never deleted; out of the manager's step list, so
+  the resumed run saves those steps anew (orbax skips existing steps).
+  """
+  if not steps:
+    return
+  if jax.process_index() == 0:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for step in steps:
+      src = os.path.join(str(manager.directory), str(step))
+      dst = f"{src}.corrupt-{stamp}"
+      if not os.path.isdir(src):
+        continue
+      os.rename(src, dst)
+      logging.warning("moved unreadable checkpoint %s to %s", src, dst)
+      print(f"WARNING: moved unreadable {src} to {dst}", file=sys.stderr)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("jaxsparse-set-aside-checkpoints")
+  manager.reload()
+
+
+def restore_checkpoint(
+  manager: ocp.CheckpointManager, target: Any
+) -> tuple[int, Any, dict] | None:
+  """The newest checkpoint that restores onto ``target``, or ``None``.
+
+  ``target`` is a tree of ``jax.ShapeDtypeStruct`` whose ``sharding`` is
+  the current mesh's, so a checkpoint written on another mesh (8 devices,
+  FSDP) restores onto this one (4 devices, or 1). A checkpoint that fails to
+  restore (truncated or missing files) is reported with a warning naming
+  its step and the error, and the next older one is tried; once one
+  restores, the unreadable newer ones are set aside (:func:`set_aside`),
+  never deleted.
+
+  Raises:
+    RuntimeError: checkpoints exist but none restores (the message names
+      the directory).
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  errors, failed = [], []
+  for step in steps:
+    try:
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target),
+          meta=ocp.args.JsonRestore(),
+        ),
+      )
+    except Exception as e:  # orbax/tensorstore raise many types
+      message = f"{type(e).__name__}: {str(e)[:500]}"
+      errors.append(f"step {step}: {message}")
+      logging.warning(
+        "checkpoint at step %d in %s could not be restored (%s); trying "
+        "an older one. The files are left in place.",
+        step,
+        manager.directory,
+        message,
+      )
+      print(
+        f"WARNING: checkpoint at step {step} in {manager.directory} could "
+        f"not be restored ({message}); trying an older one.",
+        file=sys.stderr,
+      )
+      failed.append(step)
+      continue
+    set_aside(manager, failed)
+    return step, restored.state, dict(restored.meta)
+  if steps:
+    raise RuntimeError(
+      f"No checkpoint in {manager.directory} could be restored (steps "
+      f"{steps}): {'; '.join(errors)}. The files are left in place; move the "
+      "directory away (or set resume='never' with another workdir) to start "
+      "afresh."
+    )
+  return None
+
+
+# --------------------------------------------------------------------------
+# Training.
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -353,30 +631,30 @@ def train_model(
   log: Any,
 ) -> dict:
   """Trains one model as configured; returns its final metrics."""
-  # Devices: batches split over a "data" axis, params replicated.
-  devices = training_devices()
-  mesh = jax.make_mesh(
-    (len(devices),), ("data",), (AxisType.Auto,), devices=devices
-  )
+  # Mesh: batches split over "data"; params, masks and optimizer state as
+  # the partition rules say.
+  mesh = make_mesh(config)
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
-  if config.batch_size % len(devices):
+  data_axis = "data" if "data" in mesh.axis_names else None
+  batch_sharding = NamedSharding(mesh, P(data_axis))
+  data_size = mesh.shape[data_axis] if data_axis else 1
+  if config.batch_size % data_size:
     raise ValueError(
       f"batch_size={config.batch_size} must be divisible by the "
-      f"{len(devices)} devices the batch is split over."
+      f"{data_size} devices of the 'data' axis the batch is split over."
     )
+  rules = partition_rules(config, mesh)
+  chief = jax.process_index() == 0
 
-  # Data.
-  train_batches = data_lib.batches(
-    dataset.x_train, dataset.y_train, config.batch_size, config.seed
-  )
-
-  # Model and optimizer state, with shardings from shapes.
+  # Model, params and optimizer state, with shardings from shapes.
   model = make_model(config, dataset.num_classes)
   init_key = jax.random.key(config.seed)
-  params = jax.device_put(
-    init_params(model, init_key, dataset.x_train[:1]), replicated
-  )
+  example = dataset.x_train[:1]
+  param_shapes = jax.eval_shape(init_params, model, init_key, example)
+  param_shardings = js_sharding.param_shardings(param_shapes, mesh, rules)
+  params = jax.jit(
+    init_params, static_argnums=0, out_shardings=param_shardings
+  )(model, init_key, example)
 
   def loss_fn(params, batch):
     x, y = batch
@@ -385,7 +663,7 @@ def train_model(
 
   context = Context(
     loss_fn=loss_fn,
-    # The first training batch (a fresh iterator with the same seed).
+    # The first training batch (the data order is a function of the seed).
     batch=next(
       data_lib.batches(
         dataset.x_train, dataset.y_train, config.batch_size, config.seed
@@ -397,22 +675,49 @@ def train_model(
   tx = make_transform(config, context)
   sparse = config.method != "dense"
   state_shapes = jax.eval_shape(tx.init, params)
-  state_shardings = jax.tree.map(lambda _: replicated, state_shapes)
-  opt_state = jax.jit(tx.init, out_shardings=state_shardings)(params)
+  state_shardings = js_sharding.state_shardings(tx, params, param_shardings)
+  explicit = is_explicit(mesh)
+  # Explicit axes: the forward/backward pass runs on gathered params (a
+  # reshard to replicated, whose transpose reduce-scatters the gradients),
+  # so storage and the optimizer update stay sharded as the rules say.
+  gathered = jax.tree.map(lambda _: replicated, param_shardings)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
   def train_step(params, opt_state, dense_equivalent, x, y):
     # This step's forward and backward passes run with the current masks.
     density = flop_density(params, js.masks(opt_state) if sparse else None)
-    loss, grads = jax.value_and_grad(loss_fn)(params, (x, y))
+    compute = (
+      (lambda p: jax.sharding.reshard(p, gathered))
+      if explicit
+      else (lambda p: p)
+    )
+    loss, grads = jax.value_and_grad(lambda p, b: loss_fn(compute(p), b))(
+      params, (x, y)
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, dense_equivalent + density, loss
 
-  @jax.jit
+  train_step = jax.jit(
+    train_step,
+    in_shardings=(
+      param_shardings,
+      state_shardings,
+      replicated,
+      batch_sharding,
+      batch_sharding,
+    ),
+    out_shardings=(param_shardings, state_shardings, replicated, replicated),
+    donate_argnums=(0, 1, 2),
+  )
+
+  @functools.partial(jax.jit, out_shardings=replicated)
   def accuracy(params, x, y):
+    params = jax.sharding.reshard(params, gathered) if explicit else params
     logits = model.apply({"params": params}, x)
     return jnp.mean(jnp.argmax(logits, axis=-1) == y)
+
+  x_test = to_global(dataset.x_test, replicated)
+  y_test = to_global(dataset.y_test, replicated)
 
   def evaluate(step, params, masks, dense_equivalent, loss):
     record = {
@@ -420,40 +725,169 @@ def train_model(
       "method": config.method,
       "step": step,
       "train_loss": float(loss),
-      "test_accuracy": float(accuracy(params, dataset.x_test, dataset.y_test)),
+      "test_accuracy": float(accuracy(params, x_test, y_test)),
       "dense_equivalent_steps": float(dense_equivalent),
       "flop_density": float(flop_density(params, masks)),
     }
-    log(record)
+    if chief:
+      log(record)
     return record
 
+  # Checkpoints: workdir/checkpoints/<model name>, one manager per model.
+  every = _field(config, "checkpoint_every", 0)
+  resume = _field(config, "resume", "auto")
+  if resume not in ("auto", "never", "required"):
+    raise ValueError(
+      f"resume={resume!r}; use 'auto' (resume when a checkpoint exists), "
+      "'never' or 'required'."
+    )
+  manager = None
+  ckpt_dir = os.path.join(config.workdir or "", "checkpoints", name)
+  if config.workdir and (every or resume != "never"):
+    if resume == "required" and not os.path.isdir(ckpt_dir):
+      raise FileNotFoundError(
+        f"resume='required' but {ckpt_dir} does not exist; set resume='auto' "
+        "to start afresh when there is no checkpoint."
+      )
+    if every or os.path.isdir(ckpt_dir):
+      manager = checkpoint_manager(
+        ckpt_dir, _field(config, "keep_checkpoints", 3)
+      )
+  elif resume == "required":
+    raise ValueError("resume='required' needs a workdir.")
+  if manager is not None and resume == "never" and manager.all_steps():
+    raise ValueError(
+      f"resume='never' but {ckpt_dir} holds checkpoints (steps "
+      f"{sorted(manager.all_steps())}) that new saves would mix with; use "
+      "another workdir, move them away, or set resume='auto'."
+    )
+
+  opt_state = jax.jit(tx.init, out_shardings=state_shardings)(params)
   dense_equivalent = jax.device_put(jnp.zeros([], jnp.float32), replicated)
-  loss = jnp.nan
+  start_step, resumed_loss = 0, float("nan")
+  if manager is not None and resume != "never":
+    target = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      {
+        "params": param_shapes,
+        "opt_state": state_shapes,
+        "dense_equivalent": jax.ShapeDtypeStruct((), jnp.float32),
+      },
+      {
+        "params": param_shardings,
+        "opt_state": state_shardings,
+        "dense_equivalent": replicated,
+      },
+    )
+    restored = restore_checkpoint(manager, target)
+    if restored is None and resume == "required":
+      raise FileNotFoundError(
+        f"resume='required' but {ckpt_dir} holds no checkpoint."
+      )
+    if restored is not None:
+      start_step, state, meta = restored
+      if start_step > config.num_steps:
+        raise ValueError(
+          f"{name}: the checkpoint in {ckpt_dir} is at step {start_step}, "
+          f"past num_steps={config.num_steps}; raise num_steps or use "
+          "another workdir."
+        )
+      params, opt_state = state["params"], state["opt_state"]
+      dense_equivalent = state["dense_equivalent"]
+      resumed_loss = meta.get("train_loss", float("nan"))
+      if chief:
+        print(
+          f"{name}: resumed from step {start_step} ({ckpt_dir}; data "
+          f"position {meta['data_step']})"
+        )
+
+  def checkpoint(step):
+    meta = {
+      "step": step,
+      "data_step": step,  # batches are a function of (seed, step)
+      "seed": config.seed,
+      "model": name,
+      "mesh": dict(zip(mesh.axis_names, map(int, mesh.devices.shape))),
+      "train_loss": float(loss),
+    }
+    state = {
+      "params": params,
+      "opt_state": opt_state,
+      "dense_equivalent": dense_equivalent,
+    }
+    save_checkpoint(manager, step, state, meta)
+
+  train_batches = data_lib.batches(
+    dataset.x_train,
+    dataset.y_train,
+    config.batch_size,
+    config.seed,
+    start_step=start_step,
+  )
+  stop_after = _field(config, "stop_after_step", 0)
+  loss = resumed_loss
   start = time.perf_counter()
   bar = tqdm.trange(
-    config.num_steps, desc=name, unit="step", dynamic_ncols=True
+    start_step,
+    config.num_steps,
+    initial=start_step,
+    total=config.num_steps,
+    desc=name,
+    unit="step",
+    dynamic_ncols=True,
+    disable=not chief,
   )
-  for step in bar:
-    x, y = jax.device_put(next(train_batches), batch_sharding)
-    params, opt_state, dense_equivalent, loss = train_step(
-      params, opt_state, dense_equivalent, x, y
-    )
-    done = step + 1
-    if done % config.log_every == 0:  # also bounds the queue of dispatches
-      bar.set_postfix(loss=f"{float(loss):.4f}")
-    if done % config.eval_every == 0 and done < config.num_steps:
-      masks = js.masks(opt_state) if sparse else None
-      record = evaluate(done, params, masks, dense_equivalent, loss)
-      bar.set_postfix(loss=f"{float(loss):.4f}", acc=record["test_accuracy"])
-  bar.close()
-  jax.block_until_ready(params)
-  train_time = time.perf_counter() - start
+  with jax.set_mesh(mesh):
+    for step in bar:
+      x, y = next(train_batches)
+      x, y = to_global(x, batch_sharding), to_global(y, batch_sharding)
+      params, opt_state, dense_equivalent, loss = train_step(
+        params, opt_state, dense_equivalent, x, y
+      )
+      done = step + 1
+      if done % config.log_every == 0:  # also bounds the dispatch queue
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+      if (
+        manager is not None
+        and every
+        and (done % every == 0 or done == config.num_steps)
+      ):
+        checkpoint(done)
+      if done == stop_after:
+        # Preemption simulation for tests: die abruptly (SIGKILL) right
+        # after this step's checkpoint is committed.
+        if manager is not None:
+          manager.wait_until_finished()
+        os.kill(os.getpid(), signal.SIGKILL)
+      if done % config.eval_every == 0 and done < config.num_steps:
+        masks = js.masks(opt_state) if sparse else None
+        record = evaluate(done, params, masks, dense_equivalent, loss)
+        bar.set_postfix(loss=f"{float(loss):.4f}", acc=record["test_accuracy"])
+    bar.close()
+    jax.block_until_ready(params)
+    train_time = time.perf_counter() - start
+    if manager is not None:
+      manager.wait_until_finished()
+      manager.close()
 
-  masks = js.masks(opt_state) if sparse else None
-  final = evaluate(config.num_steps, params, masks, dense_equivalent, loss)
+    masks = js.masks(opt_state) if sparse else None
+    final = evaluate(config.num_steps, params, masks, dense_equivalent, loss)
+  # Single-device copies (jaxsparse's reports take jax arrays).
+  host_params, host_masks = jax.tree.map(jnp.asarray, to_host((params, masks)))
   where = js.default_where(config.exclude)
-  final.update(sparsity_stats(params, masks, where), train_time_s=train_time)
-  if sparse:
+  final.update(
+    sparsity_stats(host_params, host_masks, where), train_time_s=train_time
+  )
+  if config.workdir and chief and _field(config, "save_params", True):
+    flat = {
+      js.masking.path_str(p): v
+      for p, v in jax.tree_util.tree_flatten_with_path(host_params)[0]
+    }
+    np.savez(
+      os.path.join(config.workdir, f"params_{name}.npz"),
+      **{k: np.asarray(v) for k, v in flat.items()},
+    )
+  if sparse and chief:
     print(f"\n{name}: per-layer summary")
     # With pattern "default" the method picks its pattern; the table then
     # checks only that masks and zeros agree (any mask is Unstructured).
@@ -462,7 +896,7 @@ def train_model(
       if config.pattern == "default"
       else parse_pattern(config.pattern)
     )
-    print(js.summary(params, masks, pattern))
+    print(js.summary(host_params, host_masks, pattern))
   return final
 
 
@@ -514,11 +948,15 @@ def run(config: ml_collections.ConfigDict) -> dict[str, dict]:
     masks; ``None`` without masks), ``zero_fraction`` (exact zeros over the
     selected params), ``test_accuracy``, ``train_loss`` and ``train_time_s``.
   """
+  initialize_distributed(config)
+  chief = jax.process_index() == 0
   dataset = load_data(config)
-  print(
-    f"data: {config.dataset} {dataset.x_train.shape} train, "
-    f"{dataset.x_test.shape} test; devices: {training_devices()}"
-  )
+  if chief:
+    print(
+      f"data: {config.dataset} {dataset.x_train.shape} train, "
+      f"{dataset.x_test.shape} test; devices: {make_mesh(config).devices}; "
+      f"processes: {jax.process_count()}"
+    )
   runs = {"dense" if config.method == "dense" else "sparse": config}
   if config.dense_baseline and config.method != "dense":
     dense_config = ml_collections.ConfigDict(config.to_dict())
@@ -526,9 +964,14 @@ def run(config: ml_collections.ConfigDict) -> dict[str, dict]:
     runs["dense"] = dense_config
 
   metrics_file = None
-  if config.workdir:
+  if config.workdir and chief:
     os.makedirs(config.workdir, exist_ok=True)
-    metrics_file = open(os.path.join(config.workdir, "metrics.jsonl"), "w")
+    resuming = _field(config, "resume", "auto") != "never" and os.path.isdir(
+      os.path.join(config.workdir, "checkpoints")
+    )
+    metrics_file = open(
+      os.path.join(config.workdir, "metrics.jsonl"), "a" if resuming else "w"
+    )
 
   def log(record):
     if metrics_file is not None:
@@ -543,9 +986,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, dict]:
     if metrics_file is not None:
       metrics_file.close()
 
-  print()
-  print(format_table(results))
-  if config.workdir:
+  if chief:
+    print()
+    print(format_table(results))
+  if config.workdir and chief:
     with open(os.path.join(config.workdir, "final.json"), "w") as f:
       json.dump({"results": results, "config": config.to_dict()}, f, indent=2)
   return results

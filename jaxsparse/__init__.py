@@ -9,6 +9,7 @@ mask tree; it composes with any optax optimizer and any Flax model::
 """
 
 from jaxsparse import oneshot as oneshot
+from jaxsparse import sharding as sharding
 from jaxsparse.allocation import ER as ER
 from jaxsparse.allocation import ERK as ERK
 from jaxsparse.allocation import GlobalThreshold as GlobalThreshold
@@ -127,6 +128,7 @@ __all__ = [
   "rigl",
   "s_ste",
   "set_sparse",
+  "sharding",
   "snfs",
   "snip",
   "snip_scores",

@@ -18,6 +18,8 @@ steps) runs in a few seconds.
 
 import ml_collections
 
+from experiments.configs.scale import add_scale_fields
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The config; ``arg='runlocal'`` shrinks it to seconds."""
@@ -52,6 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every = 500
   config.log_every = 50
   config.workdir = ""
+
+  add_scale_fields(config)  # mesh, checkpoints, multi-host
 
   if arg == "runlocal":
     config.num_steps = 200

@@ -21,6 +21,8 @@ sparsity with 2,562 dense-equivalent steps of 9,360; dense 98.08% (seed 1:
 
 import ml_collections
 
+from experiments.configs.scale import add_scale_fields
+
 STEPS_PER_EPOCH = 60_000 // 128  # 468
 
 
@@ -55,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every = STEPS_PER_EPOCH
   config.log_every = 50
   config.workdir = ""
+  add_scale_fields(config)  # mesh, checkpoints, multi-host
 
   if arg == "runlocal":
     config.num_steps = 300

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import data, train
@@ -77,3 +78,71 @@ def test_load_idx_names_the_missing_file(tmp_path):
 def test_parse_pattern_rejects_bad_specs(spec, error):
   with pytest.raises(ValueError, match=error):
     train.parse_pattern(spec)
+
+
+def short_config(workdir, **overrides):
+  config = digits_gmp.get_config("runlocal")
+  config.workdir = str(workdir)
+  config.dense_baseline = False
+  config.num_steps = 30
+  config.begin_step = 5
+  config.end_step = 25
+  config.update_every = 5
+  config.eval_every = 30
+  for key, value in overrides.items():
+    if "." in key:
+      outer, inner = key.split(".")
+      config[outer][inner] = value
+    else:
+      config[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def one_device_params(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("one_device")
+  train.run(short_config(workdir))
+  with np.load(workdir / "params_sparse.npz") as f:
+    return {k: f[k] for k in f.files}
+
+
+@pytest.mark.parametrize(
+  "partition, axis_types, shape, axes",
+  [
+    ("data_parallel", "explicit", (-1,), ("data",)),
+    ("fsdp", "auto", (-1,), ("data",)),
+    ("tensor_parallel", "explicit", (2, -1), ("data", "model")),
+    ("tensor_parallel", "auto", (2, -1), ("data", "model")),
+  ],
+)
+def test_sharded_training_matches_one_device(
+  one_device_params, tmp_path, partition, axis_types, shape, axes
+):
+  # 8 devices split each batch 8 ways (or 2 ways with a model axis), so the
+  # loss mean and gradient sums add in another order: close, not bitwise.
+  config = short_config(
+    tmp_path,
+    partition=partition,
+    **{
+      "mesh.num_devices": 8,
+      "mesh.axis_types": axis_types,
+      "mesh.shape": shape,
+      "mesh.axes": axes,
+    },
+  )
+  result = train.run(config)["sparse"]
+  assert result["sparsity"] == pytest.approx(config.final_sparsity, abs=1e-3)
+  with np.load(tmp_path / "params_sparse.npz") as f:
+    for key, expected in one_device_params.items():
+      np.testing.assert_allclose(
+        f[key], expected, rtol=1e-4, atol=1e-5, err_msg=key
+      )
+
+
+def test_mesh_and_partition_errors_name_the_field(tmp_path):
+  with pytest.raises(ValueError, match="'model' mesh axis"):
+    train.run(short_config(tmp_path, partition="tensor_parallel"))
+  with pytest.raises(ValueError, match="mesh.num_devices=16"):
+    train.run(short_config(tmp_path, **{"mesh.num_devices": 16}))
+  with pytest.raises(ValueError, match="partition='zero'"):
+    train.run(short_config(tmp_path, partition="zero"))
