@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
 
 from jaxsparse import patterns as patterns_lib
 from jaxsparse.allocation import Uniform
@@ -200,6 +201,41 @@ def _error(
   return float(num / den) if float(den) > 0 else float("nan")
 
 
+def _on_auto_mesh(x: Any) -> Any:
+  """``x`` with the same layout on an Auto-typed copy of its mesh.
+
+  A layer's rule is written for XLA's sharding propagation: under Explicit
+  axes every intermediate would need a stated sharding. The data do not
+  move; an output-sharded kernel (tensor parallel) stays split by output
+  neurons, whose sweeps are independent, so the rule runs with no gather.
+  """
+  sharding = getattr(x, "sharding", None)
+  if not isinstance(sharding, NamedSharding):
+    return x
+  mesh = sharding.mesh
+  if all(t != AxisType.Explicit for t in mesh.axis_types):
+    return x
+  auto = Mesh(
+    mesh.devices,
+    mesh.axis_names,
+    axis_types=(AxisType.Auto,) * len(mesh.axis_names),
+  )
+  return jax.device_put(x, NamedSharding(auto, sharding.spec))
+
+
+def _placed(x: jax.Array, *references: Any) -> jax.Array:
+  """``x`` on the first reference's ``NamedSharding`` (mesh, axis types).
+
+  The kernel's own if it has one, else the statistics' (where the sharded
+  calibration batches put them); undoes :func:`_on_auto_mesh`.
+  """
+  for reference in references:
+    sharding = getattr(reference, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+      return jax.device_put(x, sharding)
+  return x
+
+
 def prune(
   apply_fn: capture.ApplyFn,
   params: Params,
@@ -324,16 +360,20 @@ def prune(
     for layer in members:
       i = paths.index(layer.path)
       kernel = current[i]
-      w = jnp.asarray(kernel).reshape(layer.shape).astype(jnp.float32)
-      new, mask = prune_layer(w, stats[layer.path], targets[key], pattern)
+      w = _on_auto_mesh(jnp.asarray(kernel))
+      w = w.reshape(layer.shape).astype(jnp.float32)
+      layer_stats = jax.tree.map(_on_auto_mesh, stats[layer.path])
+      new, mask = prune_layer(w, layer_stats, targets[key], pattern)
       new = jnp.where(mask, new, jnp.zeros_like(new))
-      current[i] = new.astype(kernel.dtype).reshape(kernel.shape)
-      masks[i] = mask.reshape(kernel.shape)
+      place = (kernel, stats[layer.path].sum)
+      new = new.astype(kernel.dtype).reshape(kernel.shape)
+      current[i] = _placed(new, *place)
+      masks[i] = _placed(mask.reshape(kernel.shape), *place)
       results[layer.path] = LayerResult(
         group=str(key),
         target=targets[key],
         sparsity=1.0 - float(np.asarray(mask).mean()),
-        error=_error(w, new, stats[layer.path]),
+        error=_error(w, new, layer_stats),
       )
   return OneShotResult(
     params=jax.tree_util.tree_unflatten(treedef, current),

@@ -89,6 +89,14 @@ def leaf(tree, path):
   return np.asarray(node)
 
 
+def leaf_array(tree, path):
+  """The leaf at ``a/b/kernel`` of a nested dict, as it is (a jax.Array)."""
+  node = tree
+  for part in path.split("/"):
+    node = node[part]
+  return node
+
+
 def kernel(params, path):
   """The kernel at ``a/b/kernel`` as float64 numpy."""
   return leaf(params, path).astype(np.float64)
