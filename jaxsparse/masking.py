@@ -251,7 +251,7 @@ def masks_from_scores(
   selected = [leaves[i] for i in chosen]
   if isinstance(allocation, allocation_lib.GlobalThreshold):
     total = sum(leaf.size for leaf in selected)
-    new = threshold.topk_masks(selected, patterns_lib.num_kept(total, sparsity))
+    new = threshold.topk_masks(selected, threshold.num_kept(total, sparsity))
   else:
     shapes = [leaf.shape for leaf in selected]
     per_leaf = allocation_lib.layer_sparsities(allocation, shapes, sparsity)

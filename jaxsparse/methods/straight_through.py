@@ -506,7 +506,7 @@ def st3(
       for i, c in zip(chosen, inv_sigma)
     ]
     total = sum(s.size for s in scores)
-    kept = threshold.topk_masks(scores, patterns_lib.num_kept(total, target))
+    kept = threshold.topk_masks(scores, threshold.num_kept(total, target))
     tau = jnp.max(
       jnp.stack(
         [jnp.max(jnp.where(m, jnp.float32(0), s)) for s, m in zip(scores, kept)]

@@ -149,6 +149,29 @@ class RandomRuleTest(parameterized.TestCase):
     self.assertAlmostEqual(w[m].mean() / w.mean(), 1.0, delta=0.02)
 
 
+class LargeModelTest(parameterized.TestCase):
+  """Global counts past 2^31 (x64 off): the update lowers, counts in uint32
+  pairs (``threshold.Count``); nothing is allocated (abstract params)."""
+
+  @parameterized.parameters("global_magnitude", "lamp", "st3")
+  def test_lowers_past_two_to_the_33_selected_weights(self, name):
+    params = {
+      f"w{i}": jax.ShapeDtypeStruct((2**15, 2**15), jnp.float32)
+      for i in range(9)
+    }
+    tx = {
+      "global_magnitude": lambda: optax.chain(
+        optax.sgd(0.1), js.global_magnitude_pruning(0.9, update_every=1)
+      ),
+      "lamp": lambda: optax.chain(
+        optax.sgd(0.1), js.lamp_pruning(0.9, update_every=1)
+      ),
+      "st3": lambda: js.sparsify(optax.sgd(0.1), js.st3(0.9)),
+    }[name]()
+    state = jax.eval_shape(tx.init, params)
+    jax.jit(tx.update).lower(params, state, params)
+
+
 class ErrorTest(parameterized.TestCase):
   @parameterized.parameters(1.0, -0.1, 1.2)
   def test_sparsity_outside_unit_interval(self, value):
