@@ -242,6 +242,20 @@ def _regrouped_axes(pattern: Pattern, ndim: int) -> tuple[int, ...]:
   return tuple(range(ndim))  # Channel reduces over and re-broadcasts all
 
 
+def _whole_groups_per_shard(pattern: Pattern, scores: Array) -> bool:
+  """Whether every shard of the N:M axis holds whole groups of ``m``."""
+  if not isinstance(pattern, NM):
+    return False
+  sharding = explicit_sharding(scores)
+  axis = pattern.axis % scores.ndim
+  names = sharding.spec[axis] if axis < len(sharding.spec) else None
+  if names is None:
+    return True
+  names = (names,) if isinstance(names, str) else tuple(names)
+  shards = int(np.prod([sharding.mesh.shape[name] for name in names]))
+  return (scores.shape[axis] // shards) % pattern.m == 0
+
+
 def select(
   pattern: Pattern, scores: Float[Array, "..."], sparsity: Float[ArrayLike, ""]
 ) -> Bool[Array, "..."]:
@@ -267,6 +281,8 @@ def select(
     if axis < len(sharding.spec)
   ):
     sharding = None  # the regrouped axes are local to every shard
+  if sharding is not None and _whole_groups_per_shard(pattern, scores):
+    sharding = None  # N:M groups never straddle a shard boundary
   if sharding is not None:
     replicated = jax.sharding.NamedSharding(
       sharding.mesh, jax.sharding.PartitionSpec()

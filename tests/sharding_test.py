@@ -17,6 +17,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxsparse as js
+from jaxsparse import patterns
 
 COLLECTIVE = (
   r"(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
@@ -117,20 +118,38 @@ class ShardingTest(parameterized.TestCase):
   @parameterized.parameters(
     ("columns", AxisType.Explicit),
     ("columns", AxisType.Auto),
+    ("fsdp", AxisType.Explicit),
     ("fsdp", AxisType.Auto),
   )
   def test_nm_along_an_unsharded_axis_gathers_nothing(
     self, sharding, axis_type
   ):
     # N:M groups run along axis -2: local for column sharding. With FSDP the
-    # grouped axis is sharded (every shard holds whole groups of 4): Auto
-    # keeps it local; under Explicit axes patterns.select gathers any leaf
-    # whose grouped axis is sharded, on purpose.
+    # grouped axis is sharded, but every shard holds whole groups of 4, so
+    # the selection stays local on Explicit and Auto meshes alike.
     found = collectives(
       compiled_update("nm_unsharded_axis", sharding, axis_type)
     )
     self.assertNotIn("all-gather", found)
     self.assertNotIn("all-to-all", found)
+
+  @parameterized.parameters((64, 4), (16, 4), (24, 2))
+  def test_nm_on_a_sharded_grouped_axis_equals_one_device(self, rows, m):
+    # 64/8 rows per shard hold whole groups (local); 16/8 and 24/8 do not
+    # (gathered for the update): the masks equal the 1-device ones either
+    # way and keep the params' sharding.
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+    params = {"a": jax.random.normal(jax.random.key(3), (rows, 16))}
+    split = jax.device_put(params, NamedSharding(mesh, P("x", None)))
+    tx = optax.chain(
+      optax.sgd(0.1),
+      js.magnitude_pruning(pattern=js.NM(1, m), update_every=1),
+    )
+    one = js.masks(jax.jit(tx.update)(params, tx.init(params), params)[1])
+    many = js.masks(jax.jit(tx.update)(split, tx.init(split), split)[1])
+    np.testing.assert_array_equal(one["a"], many["a"])
+    self.assertTrue(patterns.follows(js.NM(1, m), many["a"]))
+    self.assertEqual(many["a"].sharding.spec, P("x", None))
 
   @parameterized.product(
     sharding=list(SHARDINGS),
