@@ -72,7 +72,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
-from absl import app, logging
+from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -998,6 +998,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, dict]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # orbax logs every save at INFO; keep warnings (damaged checkpoints) and
+  # errors. --verbosity=0 on the command line still shows everything.
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   run(_CONFIG.value)
 
 
