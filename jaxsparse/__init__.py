@@ -45,6 +45,7 @@ from jaxsparse.methods.pruning import (
   MagnitudePruningState as MagnitudePruningState,
 )
 from jaxsparse.methods.pruning import RandomPruningState as RandomPruningState
+from jaxsparse.methods.pruning import fixed_masks as fixed_masks
 from jaxsparse.methods.pruning import (
   global_magnitude_pruning as global_magnitude_pruning,
 )
@@ -110,6 +111,7 @@ __all__ = [
   "default_where",
   "er",
   "erk",
+  "fixed_masks",
   "global_magnitude_pruning",
   "global_threshold",
   "gmp",

@@ -398,3 +398,49 @@ def random_pruning(
     end_step=end_step,
     seed=seed,
   )
+
+
+def fixed_masks(masks: MaskTree) -> optax.GradientTransformationExtraArgs:
+  """Trains with given masks held fixed (e.g. fine-tuning after one-shot).
+
+  The masks (from :func:`jaxsparse.oneshot.prune`, a checkpoint, or
+  ``js.masks`` of another run) never change; every step is projected so that
+  ``params + updates == 0`` wherever ``masks`` is ``False``:
+  ``u' = where(m, u, -p)``. Under :func:`jaxsparse.sparsify` the gradients of
+  pruned entries are also zeroed before the optimizer.
+
+  Args:
+    masks: a params-shaped tree of bool arrays (``None`` where a param stays
+      dense); checked against the params in ``init``.
+
+  Returns:
+    An optax transformation whose state is a :class:`MagnitudePruningState`
+    (``js.masks`` finds the masks).
+
+  Raises:
+    ValueError: in ``init``, where a mask does not fit its param (naming the
+      leaf), or ``update`` without ``params``.
+  """
+
+  def init_fn(params: Params) -> MagnitudePruningState:
+    masks_lib.check_masks(params, masks)
+    placed = jax.tree.map(  # on the params' devices and sharding
+      lambda p, m: None if m is None else jnp.ones_like(p, dtype=bool) & m,
+      params,
+      masks,
+    )
+    return MagnitudePruningState(jnp.zeros([], jnp.int32), placed)
+
+  def update_fn(
+    updates: Updates,
+    state: MagnitudePruningState,
+    params: Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[Updates, MagnitudePruningState]:
+    del extra_args
+    if params is None:
+      raise ValueError(NO_PARAMS.format(name="fixed_masks"))
+    updates = masks_lib.project_updates(updates, params, state.masks)
+    return updates, state._replace(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
