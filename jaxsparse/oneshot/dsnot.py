@@ -3,10 +3,10 @@
 Zhang et al, `Dynamic Sparse No Training: Training-Free Fine-tuning for
 Sparse LLMs <https://arxiv.org/abs/2310.08915>`_, ICLR 2024.
 
-Starting from a base method's mask (Wanda by default), each output neuron
-(a column of the ``[in, out]`` kernel) swaps one pruned weight for one kept
-weight per cycle so that the expected output error shrinks; weights are
-never changed.
+Starting from a base method's mask and kept weights (Wanda by default),
+each output neuron (a column of the ``[in, out]`` kernel) swaps one pruned
+weight for one kept weight per cycle so that the expected output error
+against the dense layer shrinks; weight values are never changed.
 """
 
 import functools
@@ -20,6 +20,9 @@ from jaxsparse.oneshot.rules import wanda, wanda_scores
 from jaxsparse.patterns import NM, Pattern, Unstructured
 
 _VAR_FLOOR = 1e-12
+# The authors' --update_threshold 0.1 on E[x] summed over 2048-token
+# sequences, in per-token units.
+AUTHORS_UPDATE_THRESHOLD = 0.1 / 2048
 
 
 def input_moments(
@@ -46,6 +49,7 @@ def _put(x: Array, idx: Int[Array, " out"], value: Array) -> Array:
 @functools.partial(jax.jit, static_argnames=("group", "same_sign", "monotone"))
 def refine(
   kernel: Float[Array, "in out"],
+  weights: Float[Array, "in out"],
   mask: Bool[Array, "in out"],
   stats: LayerStatistics,
   update_threshold: Float[Array, ""],
@@ -58,15 +62,20 @@ def refine(
 ) -> Bool[Array, "in out"]:
   """DSnoT's swap cycles on a given mask (``True`` = kept); see :func:`dsnot`.
 
-  ``group=0``: unstructured; ``group=m``: the pruned weight must come from
-  the regrown weight's group of ``m`` inputs (N:M stays N:M).
+  ``kernel`` is the dense ``W``, ``weights`` the working ``V`` (the base's
+  kept values, ``W`` where pruned). ``group=0``: unstructured; ``group=m``:
+  the pruned weight must come from the regrown weight's group of ``m``
+  inputs (N:M stays N:M).
   """
   kernel = jnp.asarray(kernel, jnp.float32)
+  weights = jnp.asarray(weights, jnp.float32)
   n_in, n_out = kernel.shape
   mean, var = input_moments(stats)
-  contrib = kernel * mean[:, None]  # D_ij = W_ij E[x_i]
+  contrib = weights * mean[:, None]  # D_ij = V_ij E[x_i]
   pruned0 = ~mask
-  delta0 = jnp.sum(jnp.where(pruned0, contrib, 0.0), axis=0)
+  # Δ_j = Σ_i (W_ij - M_ij V_ij) E[x_i]; Σ_{pruned} D_ij when V = W.
+  residual = kernel - jnp.where(mask, weights, 0.0)
+  delta0 = jnp.sum(residual * mean[:, None], axis=0)
   scale = jnp.where(
     pow_of_var_regrowing != 0,
     jnp.maximum(var, _VAR_FLOOR) ** pow_of_var_regrowing,
@@ -74,7 +83,7 @@ def refine(
   )
   grow = jnp.where(pruned0, contrib / scale[:, None], 0.0)
   grow_order = jnp.argsort(grow, axis=0, stable=True)
-  importance = wanda_scores(kernel, stats)
+  importance = wanda_scores(weights, stats)
   neg_cand = mask & (contrib < 0)
   pos_cand = mask & (contrib > 0)
   neg_order = jnp.argsort(
@@ -153,51 +162,73 @@ def dsnot(
   base: OneShotMethod | None = None,
   *,
   max_cycles: int = 50,
-  update_threshold: float = 0.1,
+  update_threshold: float = AUTHORS_UPDATE_THRESHOLD,
   pow_of_var_regrowing: float = 1.0,
   same_sign: bool | None = None,
   monotone: bool = True,
 ) -> OneShotMethod:
   """DSnoT (Zhang et al. 2024): refine a base mask by swaps, no training.
 
-  With ``D_ij = W_ij E[x_i]`` (``E[x] = sum / count``) and the base mask
-  ``M``, each output ``j`` tracks the expected output error of pruning,
-  ``Δ_j = Σ_i (1 - M_ij) D_ij``. One cycle, for every output with
-  ``|Δ_j| > update_threshold``:
+  The base gives a mask ``M`` and a kernel; the working weights are
+  ``V = where(M, base kernel, W)`` (kept: the base's values, e.g.
+  SparseGPT's reconstruction; pruned: the dense ``W`` as regrowth
+  candidates; ``V = W`` for Wanda and magnitude). With ``D_ij = V_ij E[x_i]``
+  (``E[x] = sum / count``), each output ``j`` tracks the expected error
+  against the dense layer, ``Δ_j = Σ_i (W_ij - M_ij V_ij) E[x_i]``. One
+  cycle, for every output with ``|Δ_j| > update_threshold``:
 
   * grow ``g = argmax_{i pruned} sign(Δ_j) D_ij / Var[x_i]^p`` among those
     with ``sign(Δ_j) D_ij > 0`` (``Var[x] = sq_sum/count - E[x]²``,
     ``p = pow_of_var_regrowing``; ``p = 0`` drops the division);
-  * prune ``q = argmin_{i kept} |W_ij| ‖x_i‖`` among those with
-    ``sign(Δ_j) D_ij < 0`` (unstructured); for N:M, among the kept weights of
-    ``g``'s group of ``m`` inputs (any sign), so each group still keeps ``n``;
+  * prune ``q = argmin_{i kept} |V_ij| ‖x_i‖`` (Wanda's metric) among those
+    with ``sign(Δ_j) D_ij < 0`` (unstructured); for N:M, among the kept
+    weights of ``g``'s group of ``m`` inputs (any sign), so each group
+    still keeps ``n``;
   * swap, ``Δ_j ← Δ_j + D_qj - D_gj``.
 
-  Only weights of the base mask's pruned (kept) set are grown (pruned), each
-  at most once. An output stops for good (its swap is not made) when
-  ``|Δ_j| <= update_threshold``; when no candidate of the needed sign is
-  left (the authors' code then walks into zero-metric entries; stopping
-  keeps counts exact); with ``monotone``, when the swap would not shrink
-  ``|Δ_j|`` (``|Δ_j + D_qj - D_gj| >= |Δ_j|``); with ``same_sign``, when
-  it would flip ``sign(Δ_j)`` from its initial sign. All stop after
-  ``max_cycles``. Kept counts per output (and per N:M group) are those of
-  the base mask. The authors' ``E[x]`` is a sum over each sequence, so their
-  ``update_threshold`` is on a ``seq_len`` times larger scale than here
-  (per-token mean).
+  The output kernel is ``M ⊙ V`` with the refined ``M``. Only weights of
+  the base mask's pruned (kept) set are grown (pruned), each at most once.
+  An output stops for good (its swap is not made) when ``|Δ_j| <=
+  update_threshold``; when no candidate of the needed sign is left (the
+  authors' code then walks into zero-metric entries; stopping keeps counts
+  exact); with ``monotone``, when the swap would not shrink ``|Δ_j|``;
+  with ``same_sign``, when it would flip ``sign(Δ_j)`` from its initial
+  sign. All stop after ``max_cycles``. Kept counts per output (and per N:M
+  group) are those of the base mask.
+
+  Differences from the authors' code (``zyxxmu/DSnoT``, ``lib/prune.py``):
+
+  * Units. Their ``E[x]`` is ``Σ_tokens x / n_sequences``, i.e. ``seq_len``
+    (2048) times the per-token mean used here, and they stop at
+    ``|Δ| <= 0.1``; the default ``update_threshold = 0.1 / 2048`` is the
+    same rule per token.
+  * ``monotone=True`` is not in their code (pass ``monotone=False`` for
+    their unstructured rule). There both moves of a swap push ``Δ_j`` the
+    same way and can overshoot; ``Δ_j`` then swings between signs for all
+    ``max_cycles``, which on narrow layers (50 swaps of a 192-input row
+    replace half its pruned set) raises the output error several-fold.
+  * Their default ``--skip_layer mlp`` leaves LLaMA's MLP layers at the
+    base mask; here every layer given to the method is refined (restrict
+    ``where`` of :func:`~jaxsparse.oneshot.prune` to do the same).
+  * SparseGPT start: their ``--initial_method sparsegpt`` takes only the
+    mask (by ``w² / [U]_ii²`` on the dense weights, no reconstruction) and
+    refines it on ``W``; here SparseGPT's reconstructed kept weights are
+    kept (``V`` above). ``dsnot(sparsegpt(update_weights=False))`` is
+    theirs up to the mask (ours sweeps with updates).
+  * N:M pruning metric: theirs is the base's own metric (SparseGPT's for a
+    SparseGPT start); here always Wanda's on ``V``. ``Var[x]``: theirs
+    averages within-sequence variances; here the variance over all tokens.
 
   Args:
-    base: the method giving the initial mask (default: :func:`wanda`); its
-      weight updates, if any, are discarded.
-    max_cycles: most swaps per output.
-    update_threshold: stop once ``|Δ_j|`` is at most this.
-    pow_of_var_regrowing: ``p`` in the growing criterion.
+    base: the method giving the initial mask and kept weights (default:
+      :func:`wanda`).
+    max_cycles: most swaps per output (the authors' 50).
+    update_threshold: stop once ``|Δ_j|`` (per-token units) is at most this.
+    pow_of_var_regrowing: ``p`` in the growing criterion (the authors' 1).
     same_sign: reject swaps after which ``sign(Δ_j)`` differs from its
       initial sign. ``None`` follows the authors' defaults: off for
       unstructured, on for N:M.
-    monotone: reject swaps that do not shrink ``|Δ_j|``. ``False`` is the
-      authors' unstructured rule, where both moves of a swap push ``Δ_j``
-      the same way and can overshoot; on small layers it then oscillates
-      and can raise the output error several-fold.
+    monotone: reject swaps that do not shrink ``|Δ_j|`` (see above).
 
   Returns:
     A :class:`~jaxsparse.oneshot.base.OneShotMethod` that needs the base's
@@ -255,10 +286,13 @@ def dsnot(
       raise ValueError(
         f"dsnot: kernel must be 2-D [in, out], got shape {jnp.shape(kernel)}."
       )
-    _, mask = base.prune_layer(kernel, stats, sparsity, pattern)
+    new, mask = base.prune_layer(kernel, stats, sparsity, pattern)
+    mask = jnp.asarray(mask, bool)
+    weights = jnp.where(mask, jnp.asarray(new, kernel.dtype), kernel)
     mask = refine(
       kernel,
-      jnp.asarray(mask, bool),
+      weights,
+      mask,
       stats,
       jnp.float32(update_threshold),
       jnp.float32(pow_of_var_regrowing),
@@ -267,6 +301,6 @@ def dsnot(
       same_sign=bool(group) if same_sign is None else same_sign,
       monotone=monotone,
     )
-    return jnp.where(mask, kernel, jnp.zeros_like(kernel)), mask
+    return jnp.where(mask, weights, jnp.zeros_like(weights)), mask
 
   return OneShotMethod(f"dsnot({base.name})", base.needs_gram, prune_layer)

@@ -6,7 +6,8 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from jaxsparse.oneshot.base import LayerStatistics, OneShotMethod
-from jaxsparse.oneshot.dsnot import dsnot
+from jaxsparse.oneshot.dsnot import AUTHORS_UPDATE_THRESHOLD, dsnot
+from jaxsparse.oneshot.sparsegpt import sparsegpt
 from jaxsparse.patterns import NM, Block, Unstructured, follows
 
 
@@ -20,10 +21,13 @@ def shifted_inputs(seed: int, tokens: int, n_in: int) -> np.ndarray:
   return x.astype(np.float32)
 
 
-def stats_of(x: np.ndarray) -> LayerStatistics:
+def stats_of(x: np.ndarray, gram: bool = False) -> LayerStatistics:
   x = jnp.asarray(x)
   return LayerStatistics(
-    count=jnp.float32(x.shape[0]), sum=x.sum(0), sq_sum=(x**2).sum(0), gram=None
+    count=jnp.float32(x.shape[0]),
+    sum=x.sum(0),
+    sq_sum=(x**2).sum(0),
+    gram=x.T @ x if gram else None,
   )
 
 
@@ -53,27 +57,39 @@ def ref_wanda_mask(w, x, sparsity=None, nm=None):
 
 
 def ref_dsnot(
-  w, x, mask, *, cycles, threshold, power, nm=None, same_sign, monotone=True
+  w,
+  x,
+  mask,
+  *,
+  cycles,
+  threshold,
+  power,
+  nm=None,
+  same_sign,
+  monotone=True,
+  v=None,
 ):
   """Per output, per cycle: recompute the candidate sets and take argmax.
 
-  ``D_i = W_i E[x_i]``; ``Δ = Σ_{pruned} D_i``; grow the originally pruned,
-  still pruned ``i`` maximising ``sign(Δ) D_i / Var_i^p`` (must be > 0);
-  prune the originally kept, still kept ``i`` minimising ``|W_i| ‖x_i‖``
-  with ``sign(Δ) D_i < 0`` (N:M: any kept one in the grown weight's group).
-  An output stops at the first swap that is not made.
+  ``V`` = ``v`` where kept, ``W`` where pruned (``V = W`` if ``v`` is None);
+  ``D_i = V_i E[x_i]``; ``Δ = Σ_i (W_i - M_i V_i) E[x_i]``; grow the
+  originally pruned, still pruned ``i`` maximising ``sign(Δ) D_i / Var_i^p``
+  (must be > 0); prune the originally kept, still kept ``i`` minimising
+  ``|V_i| ‖x_i‖`` with ``sign(Δ) D_i < 0`` (N:M: any kept one in the grown
+  weight's group). An output stops at the first swap that is not made.
   """
   x = x.astype(np.float64)
   mean, var = x.mean(0), x.var(0)
   norm = np.sqrt((x**2).sum(0))
+  v = w if v is None else np.where(mask, v, w)
   out = mask.copy()
   for j in range(w.shape[1]):
-    d = w[:, j] * mean
+    d = v[:, j] * mean
     grow = d / np.maximum(var, 1e-12) ** power if power else d.copy()
-    imp = np.abs(w[:, j]) * norm
+    imp = np.abs(v[:, j]) * norm
     keep0 = mask[:, j].copy()
     keep = keep0.copy()
-    delta = d[~keep].sum()
+    delta = ((w[:, j] - np.where(keep, v[:, j], 0.0)) * mean).sum()
     sign0 = np.sign(delta)
     for _ in range(cycles):
       if abs(delta) <= threshold:
@@ -103,9 +119,11 @@ def ref_dsnot(
   return out
 
 
-def output_error(x, w, mask):
+def output_error(x, w, mask, v=None):
+  """``‖X W - X (M ⊙ V)‖²`` against the dense layer (``V = W`` default)."""
   x = x.astype(np.float64)
-  return float(np.sum((x @ w - x @ (w * mask)) ** 2))
+  v = w if v is None else v
+  return float(np.sum((x @ w - x @ (v * mask)) ** 2))
 
 
 class DSnoTTest(parameterized.TestCase):
@@ -165,7 +183,7 @@ class DSnoTTest(parameterized.TestCase):
       self.x,
       base,
       cycles=6,
-      threshold=0.1,
+      threshold=AUTHORS_UPDATE_THRESHOLD,
       power=1.0,
       nm=pattern,
       same_sign=True,
@@ -187,6 +205,47 @@ class DSnoTTest(parameterized.TestCase):
     np.testing.assert_array_equal(mask.sum(0), base.sum(0))
     self.assertGreater((mask != base).sum(), 0)
     self.assertLess(output_error(x, w, mask), output_error(x, w, base))
+
+  @parameterized.parameters(0.5, 0.7)
+  def test_sparsegpt_base_keeps_reconstruction(self, sparsity):
+    x = shifted_inputs(5, 512, 64)
+    w = np.random.default_rng(6).normal(size=(64, 24)).astype(np.float32)
+    stats = stats_of(x, gram=True)
+    base = sparsegpt(blocksize=16)
+    base_kernel, base_mask = base.prune_layer(
+      jnp.asarray(w), stats, sparsity, Unstructured()
+    )
+    base_kernel, base_mask = np.asarray(base_kernel), np.asarray(base_mask)
+    method = dsnot(base, update_threshold=0.01)
+    self.assertTrue(method.needs_gram)
+    kernel, mask = method.prune_layer(
+      jnp.asarray(w), stats, sparsity, Unstructured()
+    )
+    kernel, mask = np.asarray(kernel), np.asarray(mask)
+    want = ref_dsnot(
+      w,
+      x,
+      base_mask,
+      cycles=50,
+      threshold=0.01,
+      power=1.0,
+      same_sign=False,
+      v=base_kernel,
+    )
+    np.testing.assert_array_equal(mask, want)
+    grown = mask & ~base_mask
+    self.assertGreater(grown.sum(), 0)
+    np.testing.assert_array_equal(mask.sum(0), base_mask.sum(0))
+    # Kept: SparseGPT's reconstructed values; grown: the dense weights.
+    np.testing.assert_array_equal(
+      kernel[mask & base_mask], base_kernel[mask & base_mask]
+    )
+    np.testing.assert_array_equal(kernel[grown], w[grown])
+    np.testing.assert_array_equal(kernel[~mask], 0.0)
+    self.assertLessEqual(
+      output_error(x, w, mask, kernel),
+      output_error(x, w, base_mask, base_kernel),
+    )
 
   def test_jit_matches_eager(self):
     method = dsnot(fixed_base(ref_wanda_mask(self.w, self.x, 0.5)))
