@@ -645,6 +645,14 @@ def train_model(
     )
   rules = partition_rules(config, mesh)
   chief = jax.process_index() == 0
+  # Virtual CPU devices run their programs on a small shared thread pool:
+  # with several steps in flight, threads blocked in one step's all-reduce
+  # can starve the devices that still have to reach it (seen: a 10-minute
+  # stall, then XLA's collective timeout abort, on a 2-core machine). On
+  # such meshes each step finishes before the next is dispatched.
+  one_step_at_a_time = mesh.devices.flat[0].platform == "cpu" and (
+    mesh.devices.size > 1
+  )
 
   # Model, params and optimizer state, with shardings from shapes.
   model = make_model(config, dataset.num_classes)
@@ -844,6 +852,8 @@ def train_model(
       params, opt_state, dense_equivalent, loss = train_step(
         params, opt_state, dense_equivalent, x, y
       )
+      if one_step_at_a_time:
+        jax.block_until_ready(loss)
       done = step + 1
       if done % config.log_every == 0:  # also bounds the dispatch queue
         bar.set_postfix(loss=f"{float(loss):.4f}")
