@@ -20,6 +20,7 @@ row equals the trainer's final perplexity. ``--quick`` trains the tiny
 import datetime
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -142,6 +143,7 @@ def run_study(
   ]
   dense = lm.evaluate(apply_fn, params, val, config.eval_batch_size)
   log(f"dense: perplexity {dense['val_perplexity']:.3f}")
+  inputs = input_profile(apply_fn, params, calibration)
   factories = methods()
   rows: dict[str, dict[str, Any]] = {}
   for name in method_names:
@@ -171,7 +173,39 @@ def run_study(
         f"sparsity {cell['sparsity']:.4f}, ok {cell['ok']}, "
         f"{prune_s:.1f} s"
       )
-  return {"dense": dense, "rows": rows}
+  return {"dense": dense, "rows": rows, "inputs": inputs}
+
+
+def input_profile(
+  apply_fn: Callable[[Any, Any], Any], params: Any, calibration: list[Any]
+) -> dict[str, dict[str, float]]:
+  """Per pruned layer, how uneven its inputs are on the calibration set.
+
+  ``rms_ratio``: the largest per-feature RMS ``sqrt(E[x_i²])`` over the
+  median (Wanda's ``‖x_i‖`` ranks like magnitude when this is near 1; large
+  LLMs have outlier features far above it); ``outliers``: the share of
+  features above 5x the median; ``mean_share``: ``Σ E[x_i]² / Σ E[x_i²]``,
+  the part of the input DSnoT's expected-error criterion sees.
+  """
+  layers = [
+    layer.path
+    for layer in oneshot.dense_layers(apply_fn, params, calibration[0])
+    if re.search(WHERE, layer.path)
+  ]
+  stats = oneshot.layer_statistics(apply_fn, params, calibration, layers)
+  out = {}
+  for path in layers:
+    s = stats[path]
+    count = float(s.count)
+    rms = np.sqrt(np.asarray(s.sq_sum, np.float64) / count)
+    mean = np.asarray(s.sum, np.float64) / count
+    median = float(np.median(rms))
+    out[path] = {
+      "rms_ratio": float(rms.max() / median),
+      "outliers": float(np.mean(rms > 5 * median)),
+      "mean_share": float(np.sum(mean**2) / np.sum(rms**2)),
+    }
+  return out
 
 
 def _table(rows, settings, cell_fn) -> list[str]:
@@ -228,10 +262,32 @@ def format_markdown(
     "",
     *_table(rows, settings, lambda c: f"{c['prune_s']:.1f}"),
     "",
+    *_inputs_table(study.get("inputs", {})),
     NOTES_MARKER,
     notes,
   ]
   return "\n".join(out).rstrip() + "\n"
+
+
+def _inputs_table(inputs: dict[str, dict[str, float]]) -> list[str]:
+  if not inputs:
+    return []
+  lines = [
+    "## Inputs of the pruned layers (dense model, calibration set)",
+    "",
+    "Largest per-feature RMS input over the median (`max/median`), share of "
+    "features above 5x the median, and the mean's share of the second "
+    "moment `Σ E[x]² / Σ E[x²]`.",
+    "",
+    "| layer | max/median | > 5x median | mean share |",
+    "| --- | ---: | ---: | ---: |",
+  ]
+  for path, row in inputs.items():
+    lines.append(
+      f"| {path} | {row['rms_ratio']:.2f} | {row['outliers']:.3f} | "
+      f"{row['mean_share']:.3f} |"
+    )
+  return [*lines, ""]
 
 
 def _existing_notes(path: str) -> str:
