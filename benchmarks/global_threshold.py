@@ -197,6 +197,45 @@ def run_sharded_subprocess(args: argparse.Namespace) -> None:
   subprocess.run(command, env=env, check=True)
 
 
+def check_and_time(
+  methods: list["Method"],
+  n: int,
+  k: int,
+  previous: dict[str, tuple[int, float]],
+  args: argparse.Namespace,
+) -> dict[str, int]:
+  """Skips baselines estimated past ``--max-seconds``; runs each live method
+  once (warm-up and correctness: exactly ``k`` kept, masks equal to the
+  first method's), then ``--repeats`` timed runs. Returns the kept counts."""
+  for method in methods[1:]:
+    if method.name in previous:
+      n0, t0 = previous[method.name]
+      estimate = t0 * n / n0 * math.log(n) / math.log(n0)
+      if estimate > args.max_seconds:
+        method.skipped = f"skipped: ~{estimate:.0f} s estimated"
+  live = [m for m in methods if not m.skipped]
+  reference = None
+  counts = {}
+  for method in live:
+    out, _ = method.run()
+    counts[method.name] = sum(int(np.asarray(o).sum()) for o in out)
+    if counts[method.name] != k:
+      raise AssertionError(f"{method.name}: {counts[method.name]} != k={k}")
+    out = [np.asarray(o) for o in out]
+    if reference is None:
+      reference = out
+    elif not all(
+      np.array_equal(a, b) for a, b in zip(out, reference, strict=True)
+    ):
+      raise AssertionError(f"{method.name}: masks differ from bisection")
+    del out
+  for _ in range(args.repeats):
+    for method in live:
+      _, elapsed = method.run()
+      method.times.append(elapsed)
+  return counts
+
+
 def single_device_main(args: argparse.Namespace) -> None:
   sizes = args.sizes or ([1e4, 1e5] if args.quick else [1e6, 1e7, 1e8])
 
@@ -223,33 +262,7 @@ def single_device_main(args: argparse.Namespace) -> None:
       Method("sort (jnp.sort)", sort_threshold, (leaves, k_array)),
       Method("top_k (lax.top_k)", top_k_threshold(k), (leaves,)),
     ]
-    for method in methods[1:]:
-      if method.name in previous:
-        n0, t0 = previous[method.name]
-        estimate = t0 * n / n0 * math.log(n) / math.log(n0)
-        if estimate > args.max_seconds:
-          method.skipped = f"skipped: ~{estimate:.0f} s estimated"
-    live = [m for m in methods if not m.skipped]
-
-    reference = None
-    counts = {}
-    for method in live:  # warm-up run, also the correctness check
-      out, _ = method.run()
-      counts[method.name] = sum(int(np.asarray(o).sum()) for o in out)
-      if counts[method.name] != k:
-        raise AssertionError(f"{method.name}: {counts[method.name]} != k={k}")
-      out = [np.asarray(o) for o in out]
-      if reference is None:
-        reference = out
-      elif not all(
-        np.array_equal(a, b) for a, b in zip(out, reference, strict=True)
-      ):
-        raise AssertionError(f"{method.name}: masks differ from bisection")
-      del out
-    for _ in range(args.repeats):
-      for method in live:
-        _, elapsed = method.run()
-        method.times.append(elapsed)
+    counts = check_and_time(methods, n, k, previous, args)
 
     base = statistics.median(methods[0].times)
     input_bytes = 4 * n
@@ -271,7 +284,7 @@ def single_device_main(args: argparse.Namespace) -> None:
         f"| {method.out_bytes / 1e6:.4g} | {selected} |",
         flush=True,
       )
-    del leaves, methods, live, reference
+    del leaves, methods
 
 
 def sharded_main(args: argparse.Namespace) -> None:
@@ -330,32 +343,7 @@ def sharded_main(args: argparse.Namespace) -> None:
     ]
     if "all-gather" in methods[0].collectives:
       raise AssertionError("the sharded bisection gathers")
-    for method in methods[1:]:
-      if method.name in previous:
-        n0, t0 = previous[method.name]
-        estimate = t0 * n / n0 * math.log(n) / math.log(n0)
-        if estimate > args.max_seconds:
-          method.skipped = f"skipped: ~{estimate:.0f} s estimated"
-    live = [m for m in methods if not m.skipped]
-    reference = None
-    counts = {}
-    for method in live:  # warm-up run, also the correctness check
-      out, _ = method.run()
-      counts[method.name] = sum(int(np.asarray(o).sum()) for o in out)
-      if counts[method.name] != k:
-        raise AssertionError(f"{method.name}: {counts[method.name]} != k={k}")
-      out = [np.asarray(o) for o in out]
-      if reference is None:
-        reference = out
-      elif not all(
-        np.array_equal(a, b) for a, b in zip(out, reference, strict=True)
-      ):
-        raise AssertionError(f"{method.name}: masks differ from bisection")
-      del out
-    for _ in range(args.repeats):
-      for method in live:
-        _, elapsed = method.run()
-        method.times.append(elapsed)
+    counts = check_and_time(methods, n, k, previous, args)
     base = statistics.median(methods[0].times)
     base_memory = methods[0].temp + methods[0].arg_bytes
     for method in methods:
@@ -378,7 +366,7 @@ def sharded_main(args: argparse.Namespace) -> None:
         f"| {', '.join(method.collectives) or 'none'} | {selected} |",
         flush=True,
       )
-    del leaves, methods, live, reference
+    del leaves, methods
 
 
 if __name__ == "__main__":

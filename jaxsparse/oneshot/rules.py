@@ -18,6 +18,8 @@ References:
   Models <https://arxiv.org/abs/2306.11695>`_, 2024.
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
@@ -71,6 +73,21 @@ def _nm(pattern: NM) -> NM:
   return NM(pattern.n, pattern.m, -2)
 
 
+def _keep_highest(
+  kernel: Float[Array, "in out"],
+  scores: Float[Array, "in out"],
+  pattern: Pattern,
+  select_unstructured: Callable[[Array], Array],
+) -> tuple[Float[Array, "in out"], Bool[Array, "in out"]]:
+  """Keeps the highest scores (``n`` of each N:M group, else as selected);
+  kept weights unchanged, the rest zero."""
+  if isinstance(pattern, NM):
+    mask = patterns_lib.nm_select(_nm(pattern), scores, pattern.n)
+  else:
+    mask = select_unstructured(scores)
+  return jnp.where(mask, kernel, jnp.zeros_like(kernel)), mask
+
+
 def magnitude() -> OneShotMethod:
   """Layer-wise magnitude pruning: keep the largest ``|W|`` of each layer.
 
@@ -99,12 +116,12 @@ def magnitude() -> OneShotMethod:
   ) -> tuple[Float[Array, "in out"], Bool[Array, "in out"]]:
     del stats
     _check_pattern(pattern, "magnitude")
-    scores = magnitude_scores(kernel)
-    if isinstance(pattern, NM):
-      mask = patterns_lib.nm_select(_nm(pattern), scores, pattern.n)
-    else:
-      mask = patterns_lib.select(Unstructured(), scores, sparsity)
-    return jnp.where(mask, kernel, jnp.zeros_like(kernel)), mask
+    return _keep_highest(
+      kernel,
+      magnitude_scores(kernel),
+      pattern,
+      lambda scores: patterns_lib.select(Unstructured(), scores, sparsity),
+    )
 
   return OneShotMethod("magnitude", False, prune_layer)
 
@@ -141,11 +158,11 @@ def wanda() -> OneShotMethod:
     pattern: Pattern,
   ) -> tuple[Float[Array, "in out"], Bool[Array, "in out"]]:
     _check_pattern(pattern, "wanda")
-    scores = wanda_scores(kernel, stats)
-    if isinstance(pattern, NM):
-      mask = patterns_lib.nm_select(_nm(pattern), scores, pattern.n)
-    else:
-      mask = column_select(scores, sparsity)
-    return jnp.where(mask, kernel, jnp.zeros_like(kernel)), mask
+    return _keep_highest(
+      kernel,
+      wanda_scores(kernel, stats),
+      pattern,
+      lambda scores: column_select(scores, sparsity),
+    )
 
   return OneShotMethod("wanda", False, prune_layer)

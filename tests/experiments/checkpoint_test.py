@@ -29,12 +29,7 @@ def small_config(workdir, **overrides):
   config.eval_every = 50
   config.checkpoint_every = 40
   config.keep_checkpoints = 5
-  for key, value in overrides.items():
-    if "." in key:
-      outer, inner = key.split(".")
-      config[outer][inner] = value
-    else:
-      config[key] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -120,12 +120,7 @@ def test_two_processes_match_one_process(tmp_path):
   # One process, 8 devices (this pytest process has 8 CPU devices).
   config = digits_gmp.get_config("runlocal")
   config.workdir = str(tmp_path / "single")
-  for key, value in FLAGS.items():
-    if "." in key:
-      outer, inner = key.split(".")
-      config[outer][inner] = value
-    else:
-      config[key] = value
+  config.update_from_flattened_dict(FLAGS)
   train.run(config)
 
   with (

@@ -89,12 +89,7 @@ def short_config(workdir, **overrides):
   config.end_step = 25
   config.update_every = 5
   config.eval_every = 30
-  for key, value in overrides.items():
-    if "." in key:
-      outer, inner = key.split(".")
-      config[outer][inner] = value
-    else:
-      config[key] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
