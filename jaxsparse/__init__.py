@@ -8,6 +8,7 @@ mask tree; it composes with any optax optimizer and any Flax model::
   tx = optax.chain(optax.adamw(1e-3), js.magnitude_pruning(0.9))
 """
 
+from jaxsparse import kernels as kernels
 from jaxsparse import oneshot as oneshot
 from jaxsparse import sharding as sharding
 from jaxsparse.allocation import ER as ER
@@ -118,6 +119,7 @@ __all__ = [
   "grasp",
   "grasp_scores",
   "group_lasso",
+  "kernels",
   "lamp_pruning",
   "layer_sparsities",
   "lobster",

@@ -1,0 +1,35 @@
+"""Structured-sparse matmul: packed formats and their reference ops.
+
+``pack_nm`` / ``pack_block`` turn a sparse Flax kernel ``W: [K, N]`` into a
+pytree of packed arrays; ``nm_matmul_reference`` and
+``block_sparse_matmul_reference`` compute ``x @ W`` from them in plain
+``jnp`` and are the specification of the Pallas kernels.
+"""
+
+from jaxsparse.kernels.packing import PackedBlock as PackedBlock
+from jaxsparse.kernels.packing import PackedNM as PackedNM
+from jaxsparse.kernels.packing import index_layout as index_layout
+from jaxsparse.kernels.packing import pack_block as pack_block
+from jaxsparse.kernels.packing import pack_nm as pack_nm
+from jaxsparse.kernels.packing import packed_nbytes as packed_nbytes
+from jaxsparse.kernels.packing import unpack_block as unpack_block
+from jaxsparse.kernels.packing import unpack_nm as unpack_nm
+from jaxsparse.kernels.reference import (
+  block_sparse_matmul_reference as block_sparse_matmul_reference,
+)
+from jaxsparse.kernels.reference import (
+  nm_matmul_reference as nm_matmul_reference,
+)
+
+__all__ = [
+  "PackedBlock",
+  "PackedNM",
+  "block_sparse_matmul_reference",
+  "index_layout",
+  "nm_matmul_reference",
+  "pack_block",
+  "pack_nm",
+  "packed_nbytes",
+  "unpack_block",
+  "unpack_nm",
+]
