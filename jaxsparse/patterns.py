@@ -144,10 +144,16 @@ def check_leaf(pattern: Pattern, shape: tuple[int, ...], path: str) -> None:
 def num_kept(size: int, sparsity: Float[ArrayLike, ""]) -> Int[Array, ""]:
   """Entries kept out of ``size`` at ``sparsity``: ``size - round(s * size)``.
 
-  ``round`` is round-half-to-even, computed in float32.
+  ``round`` is round-half-to-even, computed in float32; the rule is
+  :func:`jaxsparse.threshold.num_kept`'s, given here as an int32 for sizes
+  below ``2**31`` (groups, fan-ins, columns).
   """
-  s = jnp.asarray(sparsity, jnp.float32)
-  return jnp.int32(size) - jnp.round(s * jnp.float32(size)).astype(jnp.int32)
+  if size >= 2**31:
+    raise ValueError(
+      f"size={size}: an int32 count needs fewer than 2**31 entries; use "
+      "jaxsparse.threshold.num_kept, which is exact for any size."
+    )
+  return threshold.num_kept(size, sparsity).lo.astype(jnp.int32)
 
 
 def unit_scores(pattern: Pattern, scores: Float[Array, "..."]) -> Array:
@@ -272,7 +278,9 @@ def select(
   """
   scores = jnp.asarray(scores, jnp.float32)
   if isinstance(pattern, Unstructured):
-    (keep,) = threshold.topk_masks([scores], num_kept(scores.size, sparsity))
+    (keep,) = threshold.topk_masks(
+      [scores], threshold.num_kept(scores.size, sparsity)
+    )
     return keep
   sharding = explicit_sharding(scores)
   if sharding is not None and not any(
@@ -292,7 +300,9 @@ def select(
     mask = nm_select(pattern, scores, nm_kept_per_group(pattern, sparsity))
   else:
     units = unit_scores(pattern, scores)
-    (keep,) = threshold.topk_masks([units], num_kept(units.size, sparsity))
+    (keep,) = threshold.topk_masks(
+      [units], threshold.num_kept(units.size, sparsity)
+    )
     mask = expand_units(pattern, keep, scores.shape)
   if sharding is not None:
     mask = jax.sharding.reshard(mask, sharding)

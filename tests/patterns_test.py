@@ -17,6 +17,13 @@ def expected_kept(size: int, sparsity: float) -> int:
   return size - int(np.round(np.float32(sparsity) * np.float32(size)))
 
 
+class NumKeptTest(absltest.TestCase):
+  def test_int32_count_refuses_sizes_past_int32(self):
+    self.assertEqual(int(patterns.num_kept(10, 0.25)), 8)  # half to even
+    with self.assertRaisesRegex(ValueError, "threshold.num_kept"):
+      patterns.num_kept(2**31, 0.5)
+
+
 class SelectTest(parameterized.TestCase):
   @given(
     scores=hnp.arrays(

@@ -184,14 +184,16 @@ class CountTest(parameterized.TestCase):
     size=st.one_of(st.integers(0, 2**31 - 1), st.sampled_from(BOUNDARY[:3])),
     sparsity=st.floats(0, 1, width=32),
   )
-  def test_num_kept_matches_patterns_below_int32(self, size, sparsity):
-    # The same k as the int32 path wherever that one does not overflow
-    # (topk_masks clips a negative k to 0).
-    from jaxsparse import patterns
-
+  def test_num_kept_matches_the_int32_rule_below_int32(self, size, sparsity):
+    # The same k as the int32 float32-rounding rule (the one
+    # patterns.num_kept had before it delegated here) wherever that one
+    # does not overflow (topk_masks clips a negative k to 0).
+    s = jnp.float32(sparsity)
+    int32_rule = jnp.int32(size) - jnp.round(s * jnp.float32(size)).astype(
+      jnp.int32
+    )
     self.assertEqual(
-      value(threshold.num_kept(size, sparsity)),
-      max(int(patterns.num_kept(size, sparsity)), 0),
+      value(threshold.num_kept(size, sparsity)), max(int(int32_rule), 0)
     )
 
   def test_lowers_for_totals_past_two_to_the_32(self):
