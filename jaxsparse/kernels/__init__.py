@@ -6,6 +6,8 @@ pytree of packed arrays; ``nm_matmul_reference`` and
 ``jnp`` and are the specification of the Pallas kernels.
 """
 
+from jaxsparse.kernels.ops import block_sparse_matmul as block_sparse_matmul
+from jaxsparse.kernels.ops import nm_matmul as nm_matmul
 from jaxsparse.kernels.packing import PackedBlock as PackedBlock
 from jaxsparse.kernels.packing import PackedNM as PackedNM
 from jaxsparse.kernels.packing import index_layout as index_layout
@@ -24,8 +26,10 @@ from jaxsparse.kernels.reference import (
 __all__ = [
   "PackedBlock",
   "PackedNM",
+  "block_sparse_matmul",
   "block_sparse_matmul_reference",
   "index_layout",
+  "nm_matmul",
   "nm_matmul_reference",
   "pack_block",
   "pack_nm",

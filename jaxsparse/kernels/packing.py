@@ -1,22 +1,28 @@
 """Packed storage for structured-sparse weights: N:M and block-sparse (BCSR).
 
 Weights are Flax kernels ``W: [K, N]`` (in, out), applied as ``y = x @ W``.
+Both layouts are chosen so that a kernel tile needs no in-kernel reshape or
+gather: only 2-D loads, shifts, selects and dots.
 
 * :class:`PackedNM` (NVIDIA's 2:4 generalised, Mishra et al. 2021,
-  "Accelerating Sparse Deep Neural Networks"): every group of ``m``
-  consecutive rows of a column keeps ``n`` values. ``values[g*n + j, c]`` is
-  the ``j``-th kept value (in row order) of group ``g`` of column ``c``, and
-  its row is ``W[g*m + idx, c]`` where ``idx`` (``0..m-1``) is stored in
-  ``b = max(1, ceil(log2 m))`` bits, ``8 // b`` per ``uint8`` word (or
-  ``32 // b`` per ``uint32`` word when ``b = 3``), packed along ``K``.
-  Bytes: ``K n/m N itemsize + ceil(K n/(m w)) N word_bytes`` with ``w``
-  fields per word; 2:4 in bfloat16 with ``K % 8 == 0`` is exactly
-  ``0.5625`` of the dense bytes.
-* :class:`PackedBlock` (BCSR over block rows): block row ``r`` stores its
-  ``counts[r]`` nonzero ``rows x cols`` blocks in ascending block-column
-  order in ``blocks[r, :counts[r]]`` with block columns ``cols[r, :counts[r]]``;
-  slots ``j >= counts[r]`` are padding (zero blocks, column 0) so shapes
-  stay static, and every consumer ignores them through ``counts``.
+  "Accelerating Sparse Deep Neural Networks"): every group ``g`` of ``m``
+  consecutive rows of a column keeps ``n`` values. Slot-major planes:
+  ``values[j, g, c]`` is the ``j``-th kept value (in row order) of group
+  ``g`` of column ``c``, stored at ``W[g*m + idx[j, g, c], c]``. The position
+  ``idx`` (``0..m-1``) takes ``b = max(1, ceil(log2 m))`` bits, ``w = 8 // b``
+  per ``uint8`` word (``32 // b`` per ``uint32`` word when ``b = 3``); field
+  ``f`` of word ``indices[j, u, c]`` holds group ``g = f*G_w + u`` with
+  ``G_w = ceil(G / w)`` (groups split into ``w`` contiguous runs, one per
+  field). Bytes: ``n G N itemsize + n G_w N word_bytes``; 2:4 in bfloat16
+  with ``K % 16 == 0`` is exactly ``0.5625`` of the dense bytes.
+* :class:`PackedBlock` (BCSR of ``Wᵀ``, i.e. by output block column): output
+  block column ``c`` stores its ``counts[c]`` nonzero ``rows x cols`` blocks
+  ``W[r*rows:(r+1)*rows, c*cols:(c+1)*cols]`` in ascending block-row order
+  in ``blocks[c, :counts[c]]``, with block rows ``indices[c, :counts[c]]``.
+  Slots ``j >= counts[c]`` are padding (zero blocks whose index repeats the
+  last stored one, or ``0``), so shapes stay static, a kernel walking the
+  slots re-reads no new block, and every consumer ignores them through
+  ``counts``.
 
 Both are pytrees: arrays are leaves, the pattern and dense shape are static.
 """
@@ -43,9 +49,10 @@ class PackedNM:
   """N:M-sparse ``W: [K, N]``: kept values plus bit-packed positions.
 
   Attributes:
-    values: ``[K*n/m, N]`` kept values in group order, ``W``'s dtype.
-    indices: ``[ceil(K*n/m / per_word), N]`` unsigned words holding each kept
-      value's position in its group (see :func:`index_layout`).
+    values: ``[n, K/m, N]`` kept values, slot-major, ``W``'s dtype.
+    indices: ``[n, ceil(K/m / per_word), N]`` unsigned words holding each
+      kept value's position in its group (see :func:`index_layout` and the
+      module docstring for the field order).
     n, m: the pattern (static).
     shape: the dense shape ``(K, N)`` (static).
   """
@@ -70,20 +77,21 @@ class PackedNM:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedBlock:
-  """Block-sparse ``W: [K, N]`` in BCSR form over ``K/rows`` block rows.
+  """Block-sparse ``W: [K, N]``, BCSR of ``Wᵀ`` over ``N/cols`` block columns.
 
   Attributes:
-    blocks: ``[K/rows, max_blocks, rows, cols]`` stored blocks, ``W``'s dtype.
-    cols: int32 ``[K/rows, max_blocks]`` block-column index of each block;
-      ``0`` in padding slots.
-    counts: int32 ``[K/rows]`` stored blocks per block row; slots
-      ``j >= counts[r]`` are padding (zero blocks) and are ignored.
+    blocks: ``[N/cols, max_blocks, rows, cols]`` stored blocks of ``W``
+      (each oriented as in ``W``), ``W``'s dtype.
+    indices: int32 ``[N/cols, max_blocks]`` block-row (``K``) index of each
+      block; padding slots repeat the last stored index (``0`` if none).
+    counts: int32 ``[N/cols]`` stored blocks per block column; slots
+      ``j >= counts[c]`` are padding (zero blocks) and are ignored.
     rows, cols_per_block: the block shape (static).
     shape: the dense shape ``(K, N)`` (static).
   """
 
   blocks: Any  # leaves are Any for the same reason as in PackedNM
-  cols: Any
+  indices: Any
   counts: Any
   rows: int = _static()
   cols_per_block: int = _static()
@@ -155,26 +163,35 @@ def _check_nm(w: Array, pattern: object) -> None:
 
 
 def _pack_bits(fields: Array, m: int) -> Array:
-  """``[L, N]`` positions (< m) into ``[ceil(L / per_word), N]`` words."""
+  """``[n, G, N]`` positions (< m) into ``[n, ceil(G / per_word), N]`` words.
+
+  Field ``f`` of word ``u`` holds group ``f * G_w + u``; groups past ``G``
+  are zero fields.
+  """
   bits, per, word = index_layout(m)
-  length, cols = fields.shape
-  words = -(-length // per)
+  slots, groups, cols = fields.shape
+  words = -(-groups // per)
   padded = (
-    jnp.zeros((words * per, cols), word).at[:length].set(fields.astype(word))
+    jnp.zeros((slots, words * per, cols), word)
+    .at[:, :groups]
+    .set(fields.astype(word))
   )
   shifts = jnp.asarray(np.arange(per, dtype=word) * word.type(bits))
-  grouped = padded.reshape(words, per, cols) << shifts[None, :, None]
+  planes = padded.reshape(slots, per, words, cols)
+  planes = planes << shifts[None, :, None, None]
   # Disjoint bit ranges: the sum is the bitwise OR, and cannot overflow.
-  return jnp.sum(grouped, axis=1, dtype=word)
+  return jnp.sum(planes, axis=1, dtype=word)
 
 
-def _unpack_bits(words: Array, m: int, length: int) -> Array:
-  """Inverse of :func:`_pack_bits`: ``[length, N]`` int32 positions."""
+def _unpack_bits(words: Array, m: int, groups: int) -> Array:
+  """Inverse of :func:`_pack_bits`: ``[n, groups, N]`` int32 positions."""
   bits, per, word = index_layout(m)
+  slots, count, cols = words.shape
   shifts = jnp.asarray(np.arange(per, dtype=word) * word.type(bits))
   low = jnp.asarray(word.type((1 << bits) - 1))
-  fields = (words[:, None, :] >> shifts[None, :, None]) & low
-  return fields.reshape(-1, words.shape[1])[:length].astype(jnp.int32)
+  fields = (words[:, None] >> shifts[None, :, None, None]) & low
+  fields = fields.reshape(slots, per * count, cols)[:, :groups]
+  return fields.astype(jnp.int32)
 
 
 def pack_nm(
@@ -234,8 +251,8 @@ def pack_nm(
   idx = order[:, :n, :]
   values = jnp.take_along_axis(groups, idx, axis=1)
   return PackedNM(
-    values=values.reshape(-1, cols),
-    indices=_pack_bits(idx.reshape(-1, cols), m),
+    values=values.transpose(1, 0, 2),
+    indices=_pack_bits(idx.transpose(1, 0, 2), m),
     n=n,
     m=m,
     shape=(k, cols),
@@ -243,17 +260,17 @@ def pack_nm(
 
 
 def nm_positions(packed: PackedNM) -> Array:
-  """int32 ``[K*n/m, N]``: each kept value's position (``0..m-1``)."""
-  k, cols = packed.shape
-  return _unpack_bits(packed.indices, packed.m, k * packed.n // packed.m)
+  """int32 ``[n, K/m, N]``: each kept value's position (``0..m-1``)."""
+  k, _ = packed.shape
+  return _unpack_bits(packed.indices, packed.m, k // packed.m)
 
 
 def unpack_nm(packed: PackedNM) -> Array:
-  """Dense ``W: [K, N]``: ``W[g*m + idx, c] = values[g*n + j, c]``."""
+  """Dense ``W: [K, N]``: ``W[g*m + idx[j, g, c], c] = values[j, g, c]``."""
   k, cols = packed.shape
-  n, m = packed.n, packed.m
-  idx = nm_positions(packed).reshape(k // m, n, cols)
-  values = packed.values.reshape(k // m, n, cols)
+  m = packed.m
+  idx = nm_positions(packed).transpose(1, 0, 2)
+  values = packed.values.transpose(1, 0, 2)
   dense = jnp.zeros((k // m, m, cols), packed.values.dtype)
   dense = jnp.put_along_axis(dense, idx, values, axis=1, inplace=False)
   return dense.reshape(k, cols)
@@ -278,22 +295,23 @@ def _check_block(w: Array, pattern: object) -> None:
 def pack_block(
   w: ArrayLike, pattern: Block, max_blocks: int | None = None
 ) -> PackedBlock:
-  """Packs ``W: [K, N]`` into BCSR :class:`PackedBlock` over block rows.
+  """Packs ``W: [K, N]`` into a :class:`PackedBlock` (BCSR of ``Wᵀ``).
 
   A block is stored when any of its entries is nonzero (``w != 0``); block
-  row ``r`` keeps its nonzero blocks in ascending column order, then padding.
-  ``max_blocks`` (static) is the slots per block row; ``None`` uses the
-  largest count, which needs a concrete ``w`` (pass it under ``jit``). With a
-  concrete ``w``, fewer slots than nonzero blocks is a ``ValueError``; while
-  tracing the extra blocks are dropped. ``unpack_block(pack_block(w, p))``
-  equals ``w`` (bitwise, except ``-0.0`` in all-zero blocks becomes ``+0.0``).
+  column ``c`` keeps its nonzero blocks in ascending block-row order, then
+  padding. ``max_blocks`` (static) is the slots per block column; ``None``
+  uses the largest count, which needs a concrete ``w`` (pass it under
+  ``jit``). With a concrete ``w``, fewer slots than nonzero blocks is a
+  ``ValueError``; while tracing the extra blocks are dropped.
+  ``unpack_block(pack_block(w, p))`` equals ``w`` (bitwise, except ``-0.0``
+  in all-zero blocks becomes ``+0.0``).
   """
   w = jnp.asarray(w)
   _check_block(w, pattern)
   br, bc = pattern.rows, pattern.cols
   k, n = w.shape
   nrows, ncols = k // br, n // bc
-  tiles = w.reshape(nrows, br, ncols, bc).transpose(0, 2, 1, 3)
+  tiles = w.reshape(nrows, br, ncols, bc).transpose(2, 0, 1, 3)
   nonzero = jnp.any(tiles != 0, axis=(2, 3))
   counts = nonzero.sum(axis=1, dtype=jnp.int32)
   seen = _concrete(counts)
@@ -301,32 +319,35 @@ def pack_block(
     if seen is None:
       raise ValueError(
         "pack_block: max_blocks=None needs a concrete w to count blocks; "
-        "under jax.jit pass a static max_blocks= (at most the block columns, "
-        f"{ncols})."
+        "under jax.jit pass a static max_blocks= (at most the block rows, "
+        f"{nrows})."
       )
     max_blocks = max(1, int(seen.max(initial=0)))
-  if not (isinstance(max_blocks, int) and 0 < max_blocks <= ncols):
+  if not (isinstance(max_blocks, int) and 0 < max_blocks <= nrows):
     raise ValueError(
       f"pack_block: max_blocks={max_blocks!r} must be a Python int in "
-      f"1..{ncols} (the block columns of shape {w.shape} by {pattern!r})."
+      f"1..{nrows} (the block rows of shape {w.shape} by {pattern!r})."
     )
   if seen is not None and (seen > max_blocks).any():
-    r = int(np.argmax(seen))
+    c = int(np.argmax(seen))
     raise ValueError(
-      f"pack_block: block row {r} has {int(seen[r])} nonzero blocks but "
+      f"pack_block: block column {c} has {int(seen[c])} nonzero blocks but "
       f"max_blocks={max_blocks}; pass max_blocks>={int(seen.max())} or prune "
       "w further."
     )
-  position = jnp.arange(ncols, dtype=jnp.int32)[None, :]
-  order = jnp.argsort(jnp.where(nonzero, position, ncols + position), axis=1)
+  position = jnp.arange(nrows, dtype=jnp.int32)[None, :]
+  order = jnp.argsort(jnp.where(nonzero, position, nrows + position), axis=1)
   order = order[:, :max_blocks].astype(jnp.int32)
   counts = jnp.minimum(counts, max_blocks)
-  valid = jnp.arange(max_blocks, dtype=jnp.int32)[None, :] < counts[:, None]
+  slots = jnp.arange(max_blocks, dtype=jnp.int32)[None, :]
+  valid = slots < counts[:, None]
   blocks = jnp.take_along_axis(tiles, order[:, :, None, None], axis=1)
   blocks = jnp.where(valid[:, :, None, None], blocks, jnp.zeros((), w.dtype))
+  last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[:, None], axis=1)
+  last = jnp.where(counts[:, None] > 0, last, 0)
   return PackedBlock(
     blocks=blocks,
-    cols=jnp.where(valid, order, 0),
+    indices=jnp.where(valid, order, last),
     counts=counts,
     rows=br,
     cols_per_block=bc,
@@ -335,7 +356,7 @@ def pack_block(
 
 
 def block_valid(packed: PackedBlock) -> Array:
-  """bool ``[K/rows, max_blocks]``: which slots hold real blocks."""
+  """bool ``[N/cols, max_blocks]``: which slots hold real blocks."""
   slots = jnp.arange(packed.max_blocks, dtype=jnp.int32)
   return slots[None, :] < packed.counts[:, None]
 
@@ -346,17 +367,19 @@ def unpack_block(packed: PackedBlock) -> Array:
   br, bc = packed.rows, packed.cols_per_block
   nrows, ncols = k // br, n // bc
   # Padding slots scatter out of bounds and are dropped.
-  target = jnp.where(block_valid(packed), packed.cols, ncols)
-  dense = jnp.zeros((nrows, ncols, br, bc), packed.blocks.dtype)
-  dense = dense.at[jnp.arange(nrows)[:, None], target].set(
+  target = jnp.where(block_valid(packed), packed.indices, nrows)
+  dense = jnp.zeros((ncols, nrows, br, bc), packed.blocks.dtype)
+  dense = dense.at[jnp.arange(ncols)[:, None], target].set(
     packed.blocks, mode="drop"
   )
-  return dense.transpose(0, 2, 1, 3).reshape(k, n)
+  return dense.transpose(1, 2, 0, 3).reshape(k, n)
 
 
 def nm_dense_fraction(pattern: NM, itemsize: int, k: int) -> float:
   """Packed/dense byte ratio of a ``[k, N]`` N:M weight (any ``N``)."""
   _, per, word = index_layout(pattern.m)
-  kept = k * pattern.n // pattern.m
-  packed = kept * itemsize + math.ceil(kept / per) * word.itemsize
+  groups = k // pattern.m
+  packed = pattern.n * (
+    groups * itemsize + math.ceil(groups / per) * word.itemsize
+  )
   return packed / (k * itemsize)

@@ -27,7 +27,7 @@ def _check_x(x: Array, shape: tuple[int, int], name: str) -> None:
 
 
 def nm_matmul_reference(x: ArrayLike, packed: PackedNM) -> Array:
-  """``y[..., c] = sum_{g,j} x[..., g*m + idx[g*n+j, c]] values[g*n+j, c]``.
+  """``y[..., c] = sum_{j,g} x[..., g*m + idx[j, g, c]] values[j, g, c]``.
 
   Decodes ``W`` from the kept values and bit-packed positions (a scatter),
   then one dense ``jnp.dot`` with float32 accumulation.
@@ -40,30 +40,26 @@ def nm_matmul_reference(x: ArrayLike, packed: PackedNM) -> Array:
 
 
 def block_sparse_matmul_reference(x: ArrayLike, packed: PackedBlock) -> Array:
-  """``y[..., cols[r,j]] += x[..., r-th row block] @ blocks[r, j]``.
+  """``y[..., c-th column block] = sum_{j < counts[c]} x[..., indices[c,j]-th
+  row block] @ blocks[c, j]``.
 
-  Sums over block rows ``r`` and stored slots ``j < counts[r]`` only, read
-  straight from the BCSR arrays (gather of ``x`` row blocks, batched block
-  products, scatter-add into output column blocks), in float32.
+  Read straight from the BCSR arrays: a gather of ``x`` row blocks, then
+  batched block products over the stored slots (padding slots masked to
+  zero), in float32.
   """
   x = jnp.asarray(x)
   _check_x(x, packed.shape, "block_sparse_matmul_reference")
   out = jnp.result_type(x, packed.blocks)
   k, n = packed.shape
-  br, bc = packed.rows, packed.cols_per_block
-  nrows, ncols = k // br, n // bc
+  br = packed.rows
   lead = x.shape[:-1]
-  xr = x.reshape(*lead, nrows, br)
+  xr = x.reshape(*lead, k // br, br)
   valid = block_valid(packed)[:, :, None, None]
   blocks = jnp.where(valid, packed.blocks, jnp.zeros((), packed.blocks.dtype))
-  partial = jnp.einsum(
-    "...rk,rjkc->...rjc", xr, blocks, preferred_element_type=jnp.float32
+  gathered = jnp.take(xr, packed.indices, axis=-2)  # [..., N/bc, slots, br]
+  y = jnp.einsum(
+    "...csk,csko->...co", gathered, blocks, preferred_element_type=jnp.float32
   )
-  # Padding slots hold zero blocks; send them out of bounds as well.
-  target = jnp.where(block_valid(packed), packed.cols, ncols).reshape(-1)
-  partial = partial.reshape(*lead, nrows * packed.max_blocks, bc)
-  y = jnp.zeros((*lead, ncols, bc), jnp.float32)
-  y = y.at[..., target, :].add(partial, mode="drop")
   return y.reshape(*lead, n).astype(out)
 
 

@@ -121,7 +121,7 @@ class PackNMTest(parameterized.TestCase):
         bits_of(back, case["dtype"]), bits_of(w, case["dtype"])
       )
     packed = out["packed"]
-    self.assertEqual(packed.values.shape, (k * n // m, cols))
+    self.assertEqual(packed.values.shape, (n, k // m, cols))
     self.assertEqual(packed.values.dtype, w.dtype)
     # With a mask, the stored positions are exactly the mask's, in order.
     expected = (
@@ -133,24 +133,30 @@ class PackNMTest(parameterized.TestCase):
         ]
       )
       .reshape(k // m, cols, n)
-      .transpose(0, 2, 1)
-      .reshape(-1, cols)
+      .transpose(2, 0, 1)
     )
     np.testing.assert_array_equal(np.asarray(out["positions"]), expected)
-    # Bytes: kept values + ceil(log2 m)-bit fields packed in words along K.
+    # Bytes: kept values + ceil(log2 m)-bit fields packed in words along
+    # the groups of each slot plane.
     bits = max(1, math.ceil(math.log2(m)))
     word_bits = 8 if 8 % bits == 0 else 32
-    kept = k * n // m
-    expected_bytes = kept * cols * w.itemsize + (
-      math.ceil(kept / (word_bits // bits)) * cols * word_bits // 8
+    groups = k // m
+    expected_bytes = (
+      n
+      * cols
+      * (
+        groups * w.itemsize
+        + math.ceil(groups / (word_bits // bits)) * word_bits // 8
+      )
     )
     self.assertEqual(kernels.packed_nbytes(packed), expected_bytes)
     fraction = kernels.packing.nm_dense_fraction(pattern, w.itemsize, k)
     self.assertAlmostEqual(fraction, expected_bytes / w.nbytes)
-    # At most one partial word per column is wasted, plus the unused 2 bits
-    # of each 32-bit word when bits == 3.
+    # At most one partial word per slot plane and column is wasted, plus
+    # the unused 2 bits of each 32-bit word when bits == 3.
     self.assertLessEqual(
-      packed.indices.nbytes * 8, cols * (kept * bits * 32 / 30 + word_bits)
+      packed.indices.nbytes * 8,
+      n * cols * (groups * bits * 32 / 30 + word_bits),
     )
     # x @ W against float64 with a dtype-aware tolerance.
     y = out["y"]
@@ -182,7 +188,7 @@ class PackNMTest(parameterized.TestCase):
     y = kernels.nm_matmul_reference(x, eager)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(jitted["y"]))
 
-  @parameterized.parameters(8, 16, 64, 256)
+  @parameterized.parameters(16, 64, 256, 1024)
   def test_two_four_bfloat16_takes_at_most_0_5625(self, k):
     w, _ = random_nm_weight(k, 2, 4, k // 4, 32, "bfloat16", 0.0)
     packed = kernels.pack_nm(w, js.NM(2, 4))
@@ -274,7 +280,7 @@ class PackBlockTest(parameterized.TestCase):
     nonzero = (
       np.abs(w.astype(np.float32).reshape(nrows, br, ncols, bc)).sum((1, 3)) > 0
     )
-    slots = min(ncols, max(1, nonzero.sum(1).max()) + case["extra"])
+    slots = min(nrows, max(1, nonzero.sum(0).max()) + case["extra"])
     rng = np.random.default_rng(case["seed"] + 1)
     x = rng.standard_normal((3, nrows * br)).astype(w.dtype)
     with jax.numpy_dtype_promotion("strict"):
@@ -283,20 +289,21 @@ class PackBlockTest(parameterized.TestCase):
       bits_of(out["back"], case["dtype"]), bits_of(w, case["dtype"])
     )
     packed = out["packed"]
-    self.assertEqual(packed.blocks.shape, (nrows, slots, br, bc))
+    self.assertEqual(packed.blocks.shape, (ncols, slots, br, bc))
     counts = np.asarray(packed.counts)
-    np.testing.assert_array_equal(counts, nonzero.sum(1))
-    cols = np.asarray(packed.cols)
+    np.testing.assert_array_equal(counts, nonzero.sum(0))
+    indices = np.asarray(packed.indices)
     blocks = np.asarray(packed.blocks).astype(np.float32)
     tiles = w.astype(np.float32).reshape(nrows, br, ncols, bc)
-    for r in range(nrows):
-      np.testing.assert_array_equal(
-        cols[r, : counts[r]], np.flatnonzero(nonzero[r])
-      )
-      for j, c in enumerate(cols[r, : counts[r]]):
-        np.testing.assert_array_equal(blocks[r, j], tiles[r, :, c])
-      np.testing.assert_array_equal(cols[r, counts[r] :], 0)
-      self.assertFalse(blocks[r, counts[r] :].any())
+    for c in range(ncols):
+      stored = np.flatnonzero(nonzero[:, c])
+      np.testing.assert_array_equal(indices[c, : counts[c]], stored)
+      for j, r in enumerate(stored):
+        np.testing.assert_array_equal(blocks[c, j], tiles[r, :, c])
+      # Padding repeats the last stored block row (0 when none).
+      last = stored[-1] if len(stored) else 0
+      np.testing.assert_array_equal(indices[c, counts[c] :], last)
+      self.assertFalse(blocks[c, counts[c] :].any())
     y = out["y"]
     self.assertEqual(y.dtype, w.dtype)
     want = x.astype(np.float64) @ w.astype(np.float64)
@@ -330,8 +337,8 @@ class PackBlockTest(parameterized.TestCase):
 
   def test_padding_slots_are_ignored_even_if_written(self):
     w, _ = random_block_weight(3, 2, 2, 3, 4, "float32", 0.4)
-    packed = kernels.pack_block(w, js.Block(2, 2), max_blocks=4)
-    self.assertLess(int(packed.counts.min()), 4)
+    packed = kernels.pack_block(w, js.Block(2, 2), max_blocks=3)
+    self.assertLess(int(packed.counts.min()), 3)
     junk = dataclasses.replace(packed, blocks=packed.blocks + 1.0)
     valid = np.asarray(kernels.packing.block_valid(packed))
     expected = kernels.unpack_block(
@@ -367,6 +374,8 @@ class PackBlockTest(parameterized.TestCase):
       kernels.pack_block(w, js.Block(4, 4), max_blocks=1)
     with self.assertRaisesRegex(ValueError, "1..2"):
       kernels.pack_block(w, js.Block(4, 4), max_blocks=3)
+    with self.assertRaisesRegex(ValueError, "block column 0 has 2"):
+      kernels.pack_block(w, js.Block(4, 4), max_blocks=1)
     with self.assertRaisesRegex(ValueError, "static max_blocks"):
       jax.jit(kernels.pack_block, static_argnums=1)(w, js.Block(4, 4))
 
@@ -396,7 +405,7 @@ class ReferenceTest(parameterized.TestCase):
 
   def test_block_grads_match_masked_dense(self):
     w, _ = random_block_weight(7, 2, 3, 4, 3, "float32", 0.5)
-    packed = kernels.pack_block(w, js.Block(2, 3), max_blocks=3)
+    packed = kernels.pack_block(w, js.Block(2, 3), max_blocks=4)
     rng = np.random.default_rng(8)
     x = rng.standard_normal((5, 8)).astype(np.float32)
     g = rng.standard_normal((5, 9)).astype(np.float32)
@@ -408,11 +417,11 @@ class ReferenceTest(parameterized.TestCase):
     gx, gb = jax.grad(loss, argnums=(0, 1))(x, packed.blocks)
     np.testing.assert_allclose(np.asarray(gx), g @ w.T, rtol=1e-5, atol=1e-5)
     dense = (x.T @ g).reshape(4, 2, 3, 3).transpose(0, 2, 1, 3)
-    counts, cols = np.asarray(packed.counts), np.asarray(packed.cols)
+    counts, rows = np.asarray(packed.counts), np.asarray(packed.indices)
     want = np.zeros(packed.blocks.shape, np.float32)
-    for r in range(4):
-      for j in range(counts[r]):
-        want[r, j] = dense[r, cols[r, j]]
+    for c in range(3):
+      for j in range(counts[c]):
+        want[c, j] = dense[rows[c, j], c]
     np.testing.assert_allclose(np.asarray(gb), want, rtol=1e-5, atol=1e-5)
 
   def test_x_shape_mismatch_is_an_error(self):
