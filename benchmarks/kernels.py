@@ -90,7 +90,8 @@ def implementations(platform: str, packed: Any, x: Any) -> dict[str, Any]:
     "dense": jax.jit(lambda x, p: op(x, p, impl="dense")),
     "auto": jax.jit(lambda x, p: op(x, p, impl="auto")),
   }
-  if platform != "cpu" and ops._unsupported(packed, x.shape, platform) is None:
+  reason = ops._unsupported(packed, x.shape, platform, x.dtype)
+  if platform != "cpu" and reason is None:
     impls["pallas"] = jax.jit(lambda x, p: op(x, p, impl="pallas"))
   return impls
 
@@ -124,7 +125,7 @@ def run_case(
   return dict(
     times=times,
     best=min(candidates, key=times.get),
-    auto=ops.choose(packed, x.shape, platform),
+    auto=ops.choose(packed, x.shape, platform, x.dtype),
     bytes=kernels.packed_nbytes(packed) / (w.size * w.dtype.itemsize),
   )
 

@@ -6,8 +6,14 @@ pytree of packed arrays; ``nm_matmul_reference`` and
 ``jnp`` and are the specification of the Pallas kernels.
 """
 
+from jaxsparse.kernels.nm_pallas import nm_matmul_pallas as nm_matmul_pallas
+from jaxsparse.kernels.nm_pallas import (
+  nm_pallas_unsupported as nm_pallas_unsupported,
+)
 from jaxsparse.kernels.ops import block_sparse_matmul as block_sparse_matmul
 from jaxsparse.kernels.ops import nm_matmul as nm_matmul
+from jaxsparse.kernels.ops import sharded_matmul as sharded_matmul
+from jaxsparse.kernels.ops import sparse_matmul as sparse_matmul
 from jaxsparse.kernels.packing import PackedBlock as PackedBlock
 from jaxsparse.kernels.packing import PackedNM as PackedNM
 from jaxsparse.kernels.packing import index_layout as index_layout
@@ -30,10 +36,14 @@ __all__ = [
   "block_sparse_matmul_reference",
   "index_layout",
   "nm_matmul",
+  "nm_matmul_pallas",
   "nm_matmul_reference",
+  "nm_pallas_unsupported",
   "pack_block",
   "pack_nm",
   "packed_nbytes",
+  "sharded_matmul",
+  "sparse_matmul",
   "unpack_block",
   "unpack_nm",
 ]

@@ -100,7 +100,10 @@ def _distance(entry: dict[str, Any], case: dict[str, Any]) -> float:
 
 
 def _unsupported(
-  packed: PackedNM | PackedBlock, x_shape: tuple[int, ...], platform: str
+  packed: PackedNM | PackedBlock,
+  x_shape: tuple[int, ...],
+  platform: str,
+  x_dtype: Any = None,
 ) -> str | None:
   """Why the Pallas kernel cannot run this case on ``platform`` (or None)."""
   if platform not in ("gpu", "tpu"):
@@ -108,7 +111,7 @@ def _unsupported(
   if isinstance(packed, PackedNM):
     from jaxsparse.kernels import nm_pallas
 
-    return nm_pallas.nm_pallas_unsupported(packed, x_shape, platform)
+    return nm_pallas.nm_pallas_unsupported(packed, x_shape, platform, x_dtype)
   from jaxsparse.kernels import block_pallas
 
   return block_pallas.block_pallas_unsupported(packed, x_shape, platform)
@@ -118,6 +121,7 @@ def choose(
   packed: PackedNM | PackedBlock,
   x_shape: tuple[int, ...],
   platform: str | None = None,
+  x_dtype: Any = None,
 ) -> str:
   """The implementation ``impl="auto"`` runs: ``pallas``, ``reference`` or
   ``dense``.
@@ -146,7 +150,8 @@ def choose(
   if not entries:
     return "reference" if name == "cpu" else "dense"
   best = min(entries, key=lambda e: _distance(e, case))["best"]
-  if best == "pallas" and _unsupported(packed, x_shape, name) is not None:
+  reason = _unsupported(packed, x_shape, name, x_dtype)
+  if best == "pallas" and reason is not None:
     return "dense"
   return best
 
@@ -172,7 +177,7 @@ def _run(
 ) -> Array:
   _check_impl(impl, op)
   if impl == "auto":
-    impl = choose(packed, x.shape, platform)
+    impl = choose(packed, x.shape, platform, x.dtype)
   if impl == "reference":
     return reference(x, packed)
   if impl == "dense":
@@ -189,7 +194,7 @@ def _run(
       "reference on CPU), or platform='gpu'/'tpu' with interpret=True in "
       "tests."
     )
-  reason = _unsupported(packed, x.shape, name)
+  reason = _unsupported(packed, x.shape, name, x.dtype)
   if reason is not None:
     raise ValueError(
       f"{op}: the {name} Pallas kernel cannot run this case: {reason}; use "

@@ -185,6 +185,34 @@ class ShardedTest(parameterized.TestCase):
       re.search(r"(all-gather|all-reduce|all-to-all|collective-permute)", hlo)
     )
 
+  @parameterized.parameters("gpu", "tpu")
+  def test_pallas_kernels_run_per_shard_in_shard_map(self, platform):
+    # Interpret mode stands in for the device: the same kernel the GPU/TPU
+    # would run, once per (data, model) shard of a 2x4 mesh.
+    w, packed = nm_weight(5, 256, 64)
+    x = np.random.default_rng(6).standard_normal((4, 256)).astype(np.float32)
+    m = mesh(AxisType.Explicit)
+
+    @jax.jit
+    def f(x, packed):
+      return ops.sharded_matmul(
+        x,
+        packed,
+        m,
+        batch_axis="data",
+        column_axis="model",
+        impl="pallas",
+        platform=platform,
+        interpret=True,
+      )
+
+    y = f(x, packed)
+    np.testing.assert_allclose(np.asarray(y), x @ w, rtol=1e-4, atol=1e-4)
+    want = kernels.nm_matmul(x, packed, impl="reference")
+    np.testing.assert_allclose(
+      np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5
+    )
+
   def test_bad_axes_and_shapes_are_errors(self):
     _, packed = nm_weight(3, 64, 30)
     x = np.zeros((8, 64), np.float32)
