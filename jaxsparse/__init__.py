@@ -81,6 +81,16 @@ from jaxsparse.threshold import topk_masks as topk_masks
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+  # js.nn imports flax, an optional dependency: load it on first use.
+  if name == "nn":
+    import importlib
+
+    return importlib.import_module("jaxsparse.nn")
+  raise AttributeError(f"module 'jaxsparse' has no attribute {name!r}")
+
+
 __all__ = [
   "ACDCSchedule",
   "ACDCState",
@@ -126,6 +136,7 @@ __all__ = [
   "magnitude_pruning",
   "masks",
   "masks_from_scores",
+  "nn",
   "oneshot",
   "random_pruning",
   "resolve_where",

@@ -6,6 +6,12 @@ pytree of packed arrays; ``nm_matmul_reference`` and
 ``jnp`` and are the specification of the Pallas kernels.
 """
 
+from jaxsparse.kernels.block_pallas import (
+  block_pallas_unsupported as block_pallas_unsupported,
+)
+from jaxsparse.kernels.block_pallas import (
+  block_sparse_matmul_pallas as block_sparse_matmul_pallas,
+)
 from jaxsparse.kernels.nm_pallas import nm_matmul_pallas as nm_matmul_pallas
 from jaxsparse.kernels.nm_pallas import (
   nm_pallas_unsupported as nm_pallas_unsupported,
@@ -32,7 +38,9 @@ from jaxsparse.kernels.reference import (
 __all__ = [
   "PackedBlock",
   "PackedNM",
+  "block_pallas_unsupported",
   "block_sparse_matmul",
+  "block_sparse_matmul_pallas",
   "block_sparse_matmul_reference",
   "index_layout",
   "nm_matmul",

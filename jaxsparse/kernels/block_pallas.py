@@ -212,7 +212,7 @@ def _tpu_accumulate(live, out_ref, acc_ref, step, last, contrib):
 
   @pl.when(step == 0)
   def _zero():
-    acc_ref[...] = jnp.zeros_like(acc_ref)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
 
   @pl.when(live)
   def _add():

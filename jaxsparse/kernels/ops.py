@@ -114,7 +114,9 @@ def _unsupported(
     return nm_pallas.nm_pallas_unsupported(packed, x_shape, platform, x_dtype)
   from jaxsparse.kernels import block_pallas
 
-  return block_pallas.block_pallas_unsupported(packed, x_shape, platform)
+  return block_pallas.block_pallas_unsupported(
+    packed, x_shape, platform, x_dtype=x_dtype
+  )
 
 
 def choose(

@@ -116,6 +116,7 @@ FORWARD_CASES = [
   for d in ("float32", "bfloat16")
   for s in (0.0, 0.25, 1.0)
   for br, bc in ((16, 16), (32, 16))
+  if s > 0 or br == bc  # an all-empty W: one block shape is enough
 ]
 
 

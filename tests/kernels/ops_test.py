@@ -185,11 +185,17 @@ class ShardedTest(parameterized.TestCase):
       re.search(r"(all-gather|all-reduce|all-to-all|collective-permute)", hlo)
     )
 
-  @parameterized.parameters("gpu", "tpu")
-  def test_pallas_kernels_run_per_shard_in_shard_map(self, platform):
+  @parameterized.product(kind=["nm", "block"], platform=["gpu", "tpu"])
+  def test_pallas_kernels_run_per_shard_in_shard_map(self, kind, platform):
     # Interpret mode stands in for the device: the same kernel the GPU/TPU
     # would run, once per (data, model) shard of a 2x4 mesh.
-    w, packed = nm_weight(5, 256, 64)
+    if kind == "nm":
+      w, packed = nm_weight(5, 256, 64)
+    elif platform == "gpu":
+      w, packed = block_weight(5, 256, 64, 16, 0.4)
+    else:  # TPU blocks span (8, 128) tiles: whole K rows, 16 columns
+      w, packed = block_weight(5, 256, 64, 16, 1.0)
+      packed = kernels.pack_block(w, js.Block(256, 16))
     x = np.random.default_rng(6).standard_normal((4, 256)).astype(np.float32)
     m = mesh(AxisType.Explicit)
 
@@ -208,7 +214,7 @@ class ShardedTest(parameterized.TestCase):
 
     y = f(x, packed)
     np.testing.assert_allclose(np.asarray(y), x @ w, rtol=1e-4, atol=1e-4)
-    want = kernels.nm_matmul(x, packed, impl="reference")
+    want = ops.sparse_matmul(x, packed, impl="reference")
     np.testing.assert_allclose(
       np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5
     )
