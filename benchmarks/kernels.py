@@ -17,21 +17,25 @@ calls of each implementation, interleaved:
 * ``pallas``: the Pallas kernel (GPU/TPU only; absent on CPU, where Pallas
   would only run in interpret mode);
 * ``reference``: the plain-``jnp`` op from the packed arrays;
-* ``dense``: unpack ``W`` then ``jnp.dot`` (what ``impl="auto"`` falls back
-  to);
-* ``auto``: whatever the dispatcher picks (:func:`kernels.ops.choose`).
+* ``dense``: unpack ``W`` then ``jnp.dot``.
 
 It prints ``baseline time / implementation time`` (above 1 is faster than
-dense), the packed/dense bytes, and checks every implementation's output
-against the baseline on the masked weight. ``--write_table`` writes the
-fastest of ``pallas``/``reference``/``dense`` per case into
-``jaxsparse/kernels/tuned.json`` under this platform, which is what
-``impl="auto"`` reads.
+dense) and the packed/dense bytes, after checking every implementation's
+output against the baseline on the masked weight. ``--write_table`` writes
+every case's times into ``jaxsparse/kernels/tuned.json`` under this
+platform, which is what ``impl="auto"`` reads. A second table then shows
+what the dispatcher does with the table in force (the one just written, or
+the shipped one): ``choose`` (the implementation ``impl="auto"`` runs on a
+packed weight), ``packing_pays`` (whether ``js.nn.pack(..., for_batch=B)``
+packs the layer or keeps it dense), and the resulting speed against dense
+under this run's timings; its last line is the slowest case, i.e. whether
+anything ends up slower than dense.
 """
 
 import argparse
 import datetime
 import json
+import math
 import pathlib
 import platform as host_platform
 import statistics
@@ -88,7 +92,6 @@ def implementations(platform: str, packed: Any, x: Any) -> dict[str, Any]:
   impls = {
     "reference": jax.jit(lambda x, p: op(x, p, impl="reference")),
     "dense": jax.jit(lambda x, p: op(x, p, impl="dense")),
-    "auto": jax.jit(lambda x, p: op(x, p, impl="auto")),
   }
   reason = ops._unsupported(packed, x.shape, platform, x.dtype)
   if platform != "cpu" and reason is None:
@@ -125,7 +128,6 @@ def run_case(
   return dict(
     times=times,
     best=min(candidates, key=times.get),
-    auto=ops.choose(packed, x.shape, platform, x.dtype),
     bytes=kernels.packed_nbytes(packed) / (w.size * w.dtype.itemsize),
   )
 
@@ -162,11 +164,12 @@ def main() -> None:
   )
   print(
     "| W | batch | sparsity | packed/dense bytes | jnp.dot ms | pallas | "
-    "reference | dense | auto (picks) |"
+    "reference | dense |"
   )
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|")
   rng = np.random.default_rng(0)
   entries = []
+  cases_run = []
   for k in sizes:
     for label, block, density in cases(args):
       if block is None:
@@ -186,10 +189,10 @@ def main() -> None:
         print(
           f"| {k}x{k} | {batch} | {label} | {result['bytes']:.3f} | "
           f"{times['jnp.dot'] * 1e3:.3f} | {ratio('pallas')} | "
-          f"{ratio('reference')} | {ratio('dense')} | {ratio('auto')} "
-          f"({result['auto']}) |",
+          f"{ratio('reference')} | {ratio('dense')} |",
           flush=True,
         )
+        cases_run.append((k, batch, label, packed, x.dtype, times))
         entries.append(
           dict(
             op="nm" if block is None else "block",
@@ -217,6 +220,36 @@ def main() -> None:
     )
     TABLE.write_text(json.dumps(tables, indent=1) + "\n")
     print(f"wrote {len(entries)} {platform} cases to {TABLE}")
+    ops._tables.cache_clear()
+  dispatcher_table(cases_run, platform)
+
+
+def dispatcher_table(cases_run: list[Any], platform: str) -> None:
+  """What ``impl="auto"`` and ``nn.pack(for_batch=)`` do with the table in
+  force, timed with this run's measurements (ratios vs ``jnp.dot``)."""
+  source = "measured now" if ops.measured(platform) else "no table: defaults"
+  print(f"\n# dispatcher on {platform} ({source})")
+  print(
+    "| W | batch | sparsity | auto runs | auto vs jnp.dot | packing pays | "
+    "nn.pack(for_batch) vs jnp.dot |"
+  )
+  print("|---|---|---|---|---|---|---|")
+  slowest = (math.inf, None)
+  for k, batch, label, packed, dtype, times in cases_run:
+    x_shape = (batch, k)
+    picked = ops.choose(packed, x_shape, platform, dtype)
+    pays = ops.packing_pays(packed, x_shape, platform, dtype)
+    auto = times["jnp.dot"] / times[picked]
+    layer = auto if pays else 1.0
+    slowest = min(slowest, (layer, f"{k}x{k} batch {batch} {label}"))
+    print(
+      f"| {k}x{k} | {batch} | {label} | {picked} | {auto:.2f}x | "
+      f"{'yes' if pays else 'no (kept dense)'} | {layer:.2f}x |"
+    )
+  print(
+    f"slowest nn.pack(for_batch) layer vs dense: {slowest[0]:.2f}x "
+    f"({slowest[1]})"
+  )
 
 
 if __name__ == "__main__":

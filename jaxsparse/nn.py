@@ -224,6 +224,8 @@ def pack(
   pattern: patterns_lib.Pattern,
   *,
   in_axes: int | Mapping[str, int] = 1,
+  for_batch: int | None = None,
+  platform: str | None = None,
 ) -> PyTree:
   """Packs every masked Dense kernel of a params tree.
 
@@ -248,6 +250,14 @@ def pack(
     in_axes: how many leading kernel axes each layer contracts: an int for
       all, or ``{path: k}`` (others 1), e.g. ``{"attn/out/kernel": 2}`` for
       ``nn.DenseGeneral(features, axis=(-2, -1))`` (static).
+    for_batch: pack for speed at this many rows per call: a layer is packed
+      only where :func:`jaxsparse.kernels.ops.packing_pays` (the timings
+      measured on ``platform`` by ``benchmarks/kernels.py``) says a packed
+      matmul beats ``jnp.dot`` on the dense weight; elsewhere the masked
+      dense kernel ``where(mask, w, 0)`` stays. ``None`` packs every masked
+      kernel (smallest memory).
+    platform: ``"cpu"``, ``"gpu"`` or ``"tpu"`` for ``for_batch`` (default:
+      ``jax.default_backend()``).
 
   Returns:
     The params tree with packed kernels.
@@ -282,8 +292,14 @@ def pack(
       continue
     path = masking.path_str(key)
     _packable_path(path)
-    leaves.append(pack_leaf(path, p, m, pattern, _in_axes_of(in_axes, path)))
+    leaf = pack_leaf(path, p, m, pattern, _in_axes_of(in_axes, path))
     packed.add(path)
+    if for_batch is not None:
+      inner = leaf.packed if isinstance(leaf, PackedKernel) else leaf
+      x_shape = (for_batch, inner.shape[0])
+      if not ops.packing_pays(inner, x_shape, platform, p.dtype):
+        leaf = jnp.where(m, p, jnp.zeros((), p.dtype))
+    leaves.append(leaf)
   if isinstance(in_axes, Mapping) and set(in_axes) - packed:
     raise ValueError(
       f"{name}: in_axes names {sorted(set(in_axes) - packed)}, which are not "

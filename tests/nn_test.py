@@ -196,6 +196,42 @@ class LinenTest(parameterized.TestCase):
       jsnn.apply(model, packed, x), expected, rtol=1e-5, atol=1e-5
     )
 
+  def test_for_batch_packs_only_where_the_measured_table_says_it_pays(self):
+    model = LinenMLP()
+    x = inputs((3, 32))
+    params = model.init(jax.random.key(0), x)["params"]
+    masks = make_masks(params, js.NM(2, 4))
+
+    def case(batch, packed_s):
+      seconds = {"jnp.dot": 1.0, "reference": packed_s, "dense": 3.0}
+      return dict(
+        op="nm", pattern="2:4", k=32, n=32, batch=batch, density=0.5,
+        seconds=seconds, best="reference",
+      )  # fmt: skip
+
+    # Measured: at batch 1 a packed matmul took 0.5 s against jnp.dot's 1 s,
+    # at batch 4096 it took 2 s.
+    table = {"cpu": {"entries": [case(1, 0.5), case(4096, 2.0)]}}
+    saved = kernels.ops._tables
+    kernels.ops._tables = lambda: table
+    try:
+      small = jsnn.pack(params, masks, js.NM(2, 4), for_batch=2)
+      large = jsnn.pack(params, masks, js.NM(2, 4), for_batch=2048)
+    finally:
+      kernels.ops._tables = saved
+    masked = js.apply_masks(params, masks)
+    for name in ("Dense_0", "Dense_1", "Dense_2"):
+      self.assertTrue(jsnn.is_packed(small[name]["kernel"]), name)
+      self.assertFalse(jsnn.is_packed(large[name]["kernel"]), name)
+      np.testing.assert_array_equal(
+        large[name]["kernel"], masked[name]["kernel"]
+      )
+    expected = model.apply({"params": masked}, x)
+    for packed in (small, large):
+      chex.assert_trees_all_close(
+        jsnn.apply(model, packed, x), expected, rtol=1e-5, atol=1e-5
+      )
+
 
 class NnxTest(parameterized.TestCase):
   @parameterized.product(pattern=list(PATTERNS), dtype=list(DTYPES))

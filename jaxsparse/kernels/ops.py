@@ -119,6 +119,46 @@ def _unsupported(
   )
 
 
+def _nearest(
+  packed: PackedNM | PackedBlock, x_shape: tuple[int, ...], platform: str
+) -> dict[str, Any] | None:
+  """The measured case nearest to this one (same op and pattern), or None."""
+  case = dict(
+    op="nm" if isinstance(packed, PackedNM) else "block",
+    pattern=pattern_key(packed),
+    k=packed.shape[0],
+    n=packed.shape[1],
+    batch=max(1, math.prod(x_shape[:-1])),
+    density=static_density(packed),
+  )
+  entries = [
+    e
+    for e in measured(platform)
+    if e["op"] == case["op"] and e["pattern"] == case["pattern"]
+  ]
+  if not entries:
+    return None
+  return min(entries, key=lambda e: _distance(e, case))
+
+
+def _packed_seconds(
+  entry: dict[str, Any],
+  packed: PackedNM | PackedBlock,
+  x_shape: tuple[int, ...],
+  platform: str,
+  x_dtype: Any,
+) -> dict[str, float]:
+  """A measured case's times of the implementations that can run here."""
+  seconds = {
+    k: v
+    for k, v in entry["seconds"].items()
+    if k in ("pallas", "reference", "dense")
+  }
+  if "pallas" in seconds and _unsupported(packed, x_shape, platform, x_dtype):
+    del seconds["pallas"]
+  return seconds
+
+
 def choose(
   packed: PackedNM | PackedBlock,
   x_shape: tuple[int, ...],
@@ -130,32 +170,40 @@ def choose(
 
   Rule: among the cases measured on ``platform`` for the same op and
   pattern, take the nearest one in ``log2(K N)``, ``log2(batch)`` and
-  ``log2(density)`` (weighted 4x); its fastest implementation wins, with
-  ``pallas`` replaced by ``dense`` when the kernel does not support this
-  shape. Without measurements: ``dense`` on GPU/TPU, ``reference`` on CPU.
+  ``log2(density)`` (weighted 4x); the implementation that was fastest
+  there wins, among those that can run this case (``pallas`` only where the
+  kernel supports the shape). Without measurements: ``dense`` on GPU/TPU,
+  ``reference`` on CPU.
   """
   name = _platform(platform)
-  batch = max(1, math.prod(x_shape[:-1]))
-  case = dict(
-    op="nm" if isinstance(packed, PackedNM) else "block",
-    pattern=pattern_key(packed),
-    k=packed.shape[0],
-    n=packed.shape[1],
-    batch=batch,
-    density=static_density(packed),
-  )
-  entries = [
-    e
-    for e in measured(name)
-    if e["op"] == case["op"] and e["pattern"] == case["pattern"]
-  ]
-  if not entries:
+  entry = _nearest(packed, x_shape, name)
+  if entry is None:
     return "reference" if name == "cpu" else "dense"
-  best = min(entries, key=lambda e: _distance(e, case))["best"]
-  reason = _unsupported(packed, x_shape, name, x_dtype)
-  if best == "pallas" and reason is not None:
-    return "dense"
-  return best
+  seconds = _packed_seconds(entry, packed, x_shape, name, x_dtype)
+  return min(seconds, key=seconds.get)
+
+
+def packing_pays(
+  packed: PackedNM | PackedBlock,
+  x_shape: tuple[int, ...],
+  platform: str | None = None,
+  x_dtype: Any = None,
+) -> bool:
+  """Whether a packed matmul beats ``jnp.dot`` on the dense weight.
+
+  Read from the nearest measured case (as in :func:`choose`): true when the
+  implementation :func:`choose` picks took less time there than
+  ``jnp.dot`` with the weight stored dense. False without measurements.
+  ``js.nn.pack(..., for_batch=B)`` keeps a layer dense (masked) where this
+  is false, so a packed model is not slower than dense on the measured
+  cases.
+  """
+  name = _platform(platform)
+  entry = _nearest(packed, x_shape, name)
+  if entry is None:
+    return False
+  seconds = _packed_seconds(entry, packed, x_shape, name, x_dtype)
+  return min(seconds.values()) < entry["seconds"]["jnp.dot"]
 
 
 def _check_impl(impl: str, op: str) -> None:

@@ -266,14 +266,22 @@ def nm_positions(packed: PackedNM) -> Array:
 
 
 def unpack_nm(packed: PackedNM) -> Array:
-  """Dense ``W: [K, N]``: ``W[g*m + idx[j, g, c], c] = values[j, g, c]``."""
+  """Dense ``W: [K, N]``: ``W[g*m + idx[j, g, c], c] = values[j, g, c]``.
+
+  Built as the kernels build it, without a scatter: row ``q`` of every
+  group is ``sum_j where(idx[j] == q, values[j], 0)`` (positions within a
+  group are distinct), interleaved back to ``K`` rows.
+  """
   k, cols = packed.shape
-  m = packed.m
-  idx = nm_positions(packed).transpose(1, 0, 2)
-  values = packed.values.transpose(1, 0, 2)
-  dense = jnp.zeros((k // m, m, cols), packed.values.dtype)
-  dense = jnp.put_along_axis(dense, idx, values, axis=1, inplace=False)
-  return dense.reshape(k, cols)
+  idx = nm_positions(packed)
+  zero = jnp.zeros(packed.values.shape[1:], packed.values.dtype)
+  rows = []
+  for q in range(packed.m):
+    row = zero
+    for j in range(packed.n):
+      row = jnp.where(idx[j] == q, packed.values[j], row)
+    rows.append(row)
+  return jnp.stack(rows, axis=1).reshape(k, cols)
 
 
 def _check_block(w: Array, pattern: object) -> None:
