@@ -14,10 +14,12 @@ float32 and returning ``result_type(x, W)``. Three implementations:
 by ``python -m benchmarks.kernels --write_table`` on the current platform
 (``jaxsparse/kernels/tuned.json``): the nearest measured case (same op and
 pattern, nearest size, batch and block density) names the fastest
-implementation there. A platform with no measured table gets the
-implementation that cannot be slower than dense: ``"dense"`` on GPU/TPU and
-``"reference"`` on CPU (the reference is itself an XLA matmul there). Pallas
-never runs in interpret mode unless a caller asks for it (tests).
+implementation there. A platform with no measured table runs no unmeasured
+kernel: ``"dense"`` on GPU/TPU and ``"reference"`` on CPU. Pallas never runs
+in interpret mode unless a caller asks for it (tests). Where even the best
+packed implementation loses to ``jnp.dot`` on the dense weight
+(:func:`packing_pays`), ``js.nn.pack(..., for_batch=B)`` keeps the layer
+dense.
 """
 
 import dataclasses
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, ArrayLike
 
+from jaxsparse.kernels import block_pallas, nm_pallas
 from jaxsparse.kernels.packing import (
   PackedBlock,
   PackedNM,
@@ -109,11 +112,7 @@ def _unsupported(
   if platform not in ("gpu", "tpu"):
     return f"no Pallas backend for {platform!r} (kernels target gpu and tpu)"
   if isinstance(packed, PackedNM):
-    from jaxsparse.kernels import nm_pallas
-
     return nm_pallas.nm_pallas_unsupported(packed, x_shape, platform, x_dtype)
-  from jaxsparse.kernels import block_pallas
-
   return block_pallas.block_pallas_unsupported(
     packed, x_shape, platform, x_dtype=x_dtype
   )
@@ -240,9 +239,9 @@ def _run(
     )
   if name == "cpu":
     raise ValueError(
-      f"{op}: impl='pallas' has no CPU kernel; use impl='auto' (the jnp "
-      "reference on CPU), or platform='gpu'/'tpu' with interpret=True in "
-      "tests."
+      f"{op}: impl='pallas' has no CPU kernel; use impl='auto' (the faster "
+      "of reference and dense as measured on CPU), or platform='gpu'/'tpu' "
+      "with interpret=True in tests."
     )
   reason = _unsupported(packed, x.shape, name, x.dtype)
   if reason is not None:
@@ -275,11 +274,6 @@ def nm_matmul(
       f"got {type(packed).__name__}; use block_sparse_matmul for PackedBlock."
     )
 
-  def pallas(x, packed, **kw):
-    from jaxsparse.kernels import nm_pallas
-
-    return nm_pallas.nm_matmul_pallas(x, packed, **kw)
-
   return _run(
     "nm_matmul",
     jnp.asarray(x),
@@ -289,7 +283,7 @@ def nm_matmul(
     interpret,
     nm_matmul_reference,
     unpack_nm,
-    pallas,
+    nm_pallas.nm_matmul_pallas,
   )
 
 
@@ -315,11 +309,6 @@ def block_sparse_matmul(
       "PackedNM."
     )
 
-  def pallas(x, packed, **kw):
-    from jaxsparse.kernels import block_pallas
-
-    return block_pallas.block_sparse_matmul_pallas(x, packed, **kw)
-
   return _run(
     "block_sparse_matmul",
     jnp.asarray(x),
@@ -329,7 +318,7 @@ def block_sparse_matmul(
     interpret,
     block_sparse_matmul_reference,
     unpack_block,
-    pallas,
+    block_pallas.block_sparse_matmul_pallas,
   )
 
 
