@@ -453,7 +453,10 @@ def _dblocks_gpu(x, dy, indices, counts, cfg: _Config, out_dtype):
   def kernel(idx_ref, cnt_ref, x_ref, dy_ref, dw_ref):
     c, j = pl.program_id(0), pl.program_id(1)
     r = idx_ref[c * slots + j]
-    trips = jnp.where(j < cnt_ref[c], nb, 0)
+    # Typed (not weak) scalars: Pallas Triton lowers a weak-typed literal
+    # branch of select_n with the predicate's type, so jnp.where(pred, nb, 0)
+    # gives an i1 trip count (nb mod 2), which fails Triton's verifier.
+    trips = jnp.where(j < cnt_ref[c], jnp.int32(nb), jnp.int32(0))
 
     def body(b, acc):
       rows = pl.ds(pl.multiple_of(b * tb, tb), tb)

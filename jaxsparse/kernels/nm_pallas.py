@@ -65,7 +65,7 @@ class _Config(NamedTuple):
   tn: int
   tu: int
   platform: str
-  interpret: bool
+  interpret: bool | pltpu.InterpretParams
 
 
 # --------------------------------------------------------------------------
@@ -129,17 +129,18 @@ def _dx_step(idx_ref, val_ref, dy, ns, f, cfg: _Config, ct) -> list[Array]:
   ]
 
 
-def _dv_step(fields, x_ref, dy, bs, cfg: _Config, ct) -> list[Array]:
-  """float32 ``[tu, tn]`` per ``j``: kept entries of ``X[q, f]ᵀ @ dy``."""
+def _dv_step(fields, x_ref, dy, bs, accs, cfg: _Config, ct) -> list[Array]:
+  """``accs[j] + kept entries of X[q, f]ᵀ @ dy`` (float32 ``[tu, tn]``).
+
+  One product is live at a time (``where(I == q, acc + P_q, acc)`` for each
+  ``q`` in turn, the same sums as selecting first): holding all ``m``
+  products at once spills registers in Triton."""
   dy = dy.astype(ct)
-  prods = [_dot_tn(x_ref[q, bs, :].astype(ct), dy) for q in range(cfg.m)]
-  out = []
-  for fj in fields:
-    acc = jnp.zeros_like(prods[0])
-    for q, p in enumerate(prods):
-      acc = jnp.where(fj == q, p, acc)
-    out.append(acc)
-  return out
+  accs = list(accs)
+  for q in range(cfg.m):
+    p = _dot_tn(x_ref[q, bs, :].astype(ct), dy)
+    accs = [jnp.where(fj == q, a + p, a) for fj, a in zip(fields, accs)]
+  return accs
 
 
 # --------------------------------------------------------------------------
@@ -213,9 +214,10 @@ def _dv_tpu(idx_ref, x_ref, dy_ref, o_ref, acc_ref, *, cfg, ct):
   fields = [
     _fields(idx_ref[j].astype(jnp.int32), f, cfg.bits) for j in range(cfg.n)
   ]
-  parts = _dv_step(fields, x_ref, dy_ref[...], slice(None), cfg, ct)
-  for j, p in enumerate(parts):
-    acc_ref[j] += p
+  accs = [acc_ref[j] for j in range(cfg.n)]
+  accs = _dv_step(fields, x_ref, dy_ref[...], slice(None), accs, cfg, ct)
+  for j, a in enumerate(accs):
+    acc_ref[j] = a
 
   @pl.when(k == pl.num_programs(3) - 1)
   def _():
@@ -224,14 +226,15 @@ def _dv_tpu(idx_ref, x_ref, dy_ref, o_ref, acc_ref, *, cfg, ct):
 
 def _dv_gpu(idx_ref, x_ref, dy_ref, o_ref, *, cfg, ct):
   f = pl.program_id(1)  # the field: grid axis 1 of the backward kernels
-  fields = [
-    _fields(idx_ref[j].astype(jnp.int32), f, cfg.bits) for j in range(cfg.n)
-  ]
 
   def body(s, accs):
     bs = pl.ds(pl.multiple_of(s * cfg.tb, cfg.tb), cfg.tb)
-    parts = _dv_step(fields, x_ref, dy_ref[bs, :], bs, cfg, ct)
-    return tuple(a + p for a, p in zip(accs, parts, strict=True))
+    # Decoded per step (a cached uint8 load and two int ops) rather than
+    # kept live across the loop: fewer registers held per program.
+    fields = [
+      _fields(idx_ref[j].astype(jnp.int32), f, cfg.bits) for j in range(cfg.n)
+    ]
+    return tuple(_dv_step(fields, x_ref, dy_ref[bs, :], bs, accs, cfg, ct))
 
   accs = tuple(jnp.zeros((cfg.tu, cfg.tn), _F32) for _ in range(cfg.n))
   accs = jax.lax.fori_loop(0, cfg.rows // cfg.tb, body, accs)
@@ -499,7 +502,7 @@ def nm_matmul_pallas(
   packed: PackedNM,
   *,
   platform: Platform,
-  interpret: bool = False,
+  interpret: bool | pltpu.InterpretParams = False,
   block_b: int | None = None,
   block_n: int | None = None,
   block_u: int | None = None,
@@ -517,7 +520,9 @@ def nm_matmul_pallas(
       to a multiple of the batch tile.
     packed: the weight, from :func:`~jaxsparse.kernels.pack_nm`.
     platform: ``"tpu"`` (Mosaic) or ``"gpu"`` (Triton) (static).
-    interpret: run the kernels in the Pallas interpreter (CPU) (static).
+    interpret: run the kernels in the Pallas interpreter (CPU); a
+      ``pltpu.InterpretParams()`` (with ``platform="tpu"``) runs the
+      TPU-faithful interpreter (simulated VMEM, DMAs, cores) (static).
     block_b, block_n, block_u: batch, column and word-row (``G_w``) tiles
       (static; ``None`` picks defaults, see :func:`nm_pallas_unsupported`).
 

@@ -2,8 +2,10 @@
 float64 NumPy rule, VJPs against ``jax.grad`` of the reference, and
 cross-lowering of the compiled kernels for TPU (Mosaic) and CUDA (Triton)."""
 
+import contextlib
 import dataclasses
 import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax._src.pallas.triton import lowering as triton_lowering
 from jax.experimental.pallas import tpu as pltpu
 
 import jaxsparse as js
@@ -310,6 +313,28 @@ def lowered_text(platform, shape, block, batch, dtype):
   ]
 
 
+@contextlib.contextmanager
+def verified_triton_modules():
+  """Runs MLIR's verifier on every Triton module lowered in the block and
+  yields the list of their names. ``lower`` alone does not verify them: a
+  mistyped op (e.g. an ``scf.for`` with an ``i1`` bound) passes lowering and
+  only fails, or miscomputes, in XLA's Triton compile on a GPU."""
+  verified = []
+  real = triton_lowering.lower_jaxpr_to_triton_module
+
+  def checked(jaxpr, *args, **kwargs):
+    result = real(jaxpr, *args, **kwargs)
+    result.module.operation.verify()  # raises MLIRError if invalid
+    verified.append(jaxpr.debug_info.func_name)
+    return result
+
+  jax.clear_caches()  # a cached lowering would skip the check
+  with mock.patch.object(
+    triton_lowering, "lower_jaxpr_to_triton_module", checked
+  ):
+    yield verified
+
+
 class CrossLoweringTest(parameterized.TestCase):
   @parameterized.parameters(
     ("tpu", (1024, 1024), (128, 128), 8, "bfloat16"),
@@ -324,6 +349,19 @@ class CrossLoweringTest(parameterized.TestCase):
     # One kernel forward; forward + dx + dblocks for value_and_grad.
     self.assertLen(re.findall(CALLS[platform], forward), 1)
     self.assertLen(re.findall(CALLS[platform], grad), 3)
+
+  @parameterized.parameters(
+    ((1024, 1024), (64, 64), 8, "bfloat16"),
+    ((768, 384), (16, 128), 100, "float32"),
+  )
+  def test_triton_modules_verify(self, shape, block, batch, dtype):
+    with verified_triton_modules() as verified:
+      texts = lowered_text("cuda", shape, block, batch, dtype)
+    calls = sum(len(re.findall(CALLS["cuda"], t)) for t in texts)
+    self.assertLen(verified, calls)
+    self.assertEqual(
+      {name.rsplit("_", 1)[-1] for name in verified}, {"fwd", "dx", "dblocks"}
+    )
 
 
 class UnsupportedTest(parameterized.TestCase):
