@@ -2,10 +2,8 @@
 float64 NumPy rule, VJPs against ``jax.grad`` of the reference, and
 cross-lowering of the compiled kernels for TPU (Mosaic) and CUDA (Triton)."""
 
-import contextlib
 import dataclasses
 import re
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +12,12 @@ import numpy as np
 from absl.testing import absltest, parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax._src.pallas.triton import lowering as triton_lowering
 from jax.experimental.pallas import tpu as pltpu
 
 import jaxsparse as js
 from jaxsparse.kernels import block_pallas, pack_block
 from jaxsparse.kernels.reference import block_sparse_matmul_reference
+from tests.kernels.lowering import KERNEL_CALL, verified_triton_modules
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # Relative to |x| @ |W|: float32 sums in another order; bfloat16 outputs
@@ -274,12 +272,6 @@ class PropertyTest(parameterized.TestCase):
       check_vjp(x, w, packed, case["platform"], "float32")
 
 
-CALLS = {
-  "tpu": r"tpu_custom_call",
-  "cuda": r"custom_call @__gpu\$xla\.gpu\.triton",
-}
-
-
 def lowered_text(platform, shape, block, batch, dtype):
   """StableHLO of the forward and of ``value_and_grad``, compiled kernels
   (``interpret=False``) lowered for ``platform`` from this CPU host."""
@@ -313,28 +305,6 @@ def lowered_text(platform, shape, block, batch, dtype):
   ]
 
 
-@contextlib.contextmanager
-def verified_triton_modules():
-  """Runs MLIR's verifier on every Triton module lowered in the block and
-  yields the list of their names. ``lower`` alone does not verify them: a
-  mistyped op (e.g. an ``scf.for`` with an ``i1`` bound) passes lowering and
-  only fails, or miscomputes, in XLA's Triton compile on a GPU."""
-  verified = []
-  real = triton_lowering.lower_jaxpr_to_triton_module
-
-  def checked(jaxpr, *args, **kwargs):
-    result = real(jaxpr, *args, **kwargs)
-    result.module.operation.verify()  # raises MLIRError if invalid
-    verified.append(jaxpr.debug_info.func_name)
-    return result
-
-  jax.clear_caches()  # a cached lowering would skip the check
-  with mock.patch.object(
-    triton_lowering, "lower_jaxpr_to_triton_module", checked
-  ):
-    yield verified
-
-
 class CrossLoweringTest(parameterized.TestCase):
   @parameterized.parameters(
     ("tpu", (1024, 1024), (128, 128), 8, "bfloat16"),
@@ -347,8 +317,8 @@ class CrossLoweringTest(parameterized.TestCase):
   def test_forward_and_grad_lower(self, platform, shape, block, batch, dtype):
     forward, grad = lowered_text(platform, shape, block, batch, dtype)
     # One kernel forward; forward + dx + dblocks for value_and_grad.
-    self.assertLen(re.findall(CALLS[platform], forward), 1)
-    self.assertLen(re.findall(CALLS[platform], grad), 3)
+    self.assertLen(re.findall(KERNEL_CALL[platform], forward), 1)
+    self.assertLen(re.findall(KERNEL_CALL[platform], grad), 3)
 
   @parameterized.parameters(
     ((1024, 1024), (64, 64), 8, "bfloat16"),
@@ -357,7 +327,7 @@ class CrossLoweringTest(parameterized.TestCase):
   def test_triton_modules_verify(self, shape, block, batch, dtype):
     with verified_triton_modules() as verified:
       texts = lowered_text("cuda", shape, block, batch, dtype)
-    calls = sum(len(re.findall(CALLS["cuda"], t)) for t in texts)
+    calls = sum(len(re.findall(KERNEL_CALL["cuda"], t)) for t in texts)
     self.assertLen(verified, calls)
     self.assertEqual(
       {name.rsplit("_", 1)[-1] for name in verified}, {"fwd", "dx", "dblocks"}

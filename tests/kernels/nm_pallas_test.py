@@ -8,11 +8,9 @@ hardware, the compiled paths are checked by cross-lowering to TPU (Mosaic)
 and CUDA (Triton).
 """
 
-import contextlib
 import dataclasses
 import functools
 import re
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +22,6 @@ from hypothesis import strategies as st
 from jax._src.pallas.mosaic.interpret import (
   interpret_pallas_call as tpu_interpret,
 )
-from jax._src.pallas.triton import lowering as triton_lowering
 from jax.experimental.pallas import tpu as pltpu
 
 import jaxsparse as js
@@ -35,6 +32,7 @@ from jaxsparse.kernels import (
   pack_nm,
 )
 from jaxsparse.kernels.packing import unpack_nm
+from tests.kernels.lowering import KERNEL_CALL, verified_triton_modules
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 EPS = {"float32": 2e-6, "bfloat16": 2**-7}
@@ -246,32 +244,6 @@ def lowered_text(fn, args, platform):
 
 
 # Mosaic TPU kernels and Triton kernels (``__gpu$xla.gpu.triton``).
-KERNEL_CALL = {
-  "tpu": r"custom_call @tpu_custom_call\(",
-  "cuda": r"custom_call @__gpu\$xla\.gpu\.triton\(",
-}
-
-
-@contextlib.contextmanager
-def verified_triton_modules():
-  """Runs MLIR's verifier on every Triton module lowered in the block and
-  yields their count in a list. ``lower`` alone does not verify them: a
-  mistyped op passes lowering and only fails in XLA's Triton compile on a
-  GPU."""
-  verified = []
-  real = triton_lowering.lower_jaxpr_to_triton_module
-
-  def checked(*args, **kwargs):
-    result = real(*args, **kwargs)
-    result.module.operation.verify()  # raises MLIRError if invalid
-    verified.append(result)
-    return result
-
-  jax.clear_caches()  # a cached lowering would skip the check
-  with mock.patch.object(
-    triton_lowering, "lower_jaxpr_to_triton_module", checked
-  ):
-    yield verified
 
 
 class NMPallasLoweringTest(parameterized.TestCase):
