@@ -59,10 +59,6 @@ from jaxsparse.kernels.packing import PackedBlock, PackedNM
 from jaxsparse.types import MaskTree, Params
 
 
-def _static():
-  return dataclasses.field(metadata={"static": True})
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedKernel:
@@ -76,8 +72,8 @@ class PackedKernel:
   """
 
   packed: PackedNM | PackedBlock
-  shape: tuple[int, ...] = _static()
-  in_axes: int = _static()
+  shape: tuple[int, ...] = packing.static_field()
+  in_axes: int = packing.static_field()
 
   @property
   def dtype(self):
@@ -90,12 +86,6 @@ _PACKED = (PackedNM, PackedBlock, PackedKernel)
 def is_packed(x: Any) -> bool:
   """Whether ``x`` is a packed kernel (:func:`pack`'s output leaves)."""
   return isinstance(x, _PACKED)
-
-
-def _concrete(x: Any) -> np.ndarray | None:
-  if isinstance(x, jax.core.Tracer):
-    return None
-  return np.asarray(x)
 
 
 def _check_pattern(pattern: Any, name: str) -> None:
@@ -167,7 +157,7 @@ def pack_leaf(
   view = "" if len(shape) == 2 else f" (its 2-D view {w.shape})"
   reshape = "" if len(shape) == 2 else f".reshape{w.shape}"
   unshape = "" if len(shape) == 2 else f".reshape{shape}"
-  seen = _concrete(mask2)
+  seen = packing.concrete(mask2)
   try:
     if isinstance(pattern, patterns_lib.NM):
       if k % pattern.m:

@@ -39,7 +39,8 @@ from jaxtyping import Array, ArrayLike
 from jaxsparse.patterns import NM, Block, check_pattern
 
 
-def _static():
+def static_field():
+  """A dataclass field that is pytree metadata (static), not a leaf."""
   return dataclasses.field(metadata={"static": True})
 
 
@@ -61,9 +62,9 @@ class PackedNM:
   # ShapeDtypeStructs, tracers or sentinels in their place.
   values: Any
   indices: Any
-  n: int = _static()
-  m: int = _static()
-  shape: tuple[int, int] = _static()
+  n: int = static_field()
+  m: int = static_field()
+  shape: tuple[int, int] = static_field()
 
   @property
   def pattern(self) -> NM:
@@ -93,9 +94,9 @@ class PackedBlock:
   blocks: Any  # leaves are Any for the same reason as in PackedNM
   indices: Any
   counts: Any
-  rows: int = _static()
-  cols_per_block: int = _static()
-  shape: tuple[int, int] = _static()
+  rows: int = static_field()
+  cols_per_block: int = static_field()
+  shape: tuple[int, int] = static_field()
 
   @property
   def pattern(self) -> Block:
@@ -127,7 +128,7 @@ def packed_nbytes(packed: PackedNM | PackedBlock) -> int:
   return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(packed))
 
 
-def _concrete(x: Array) -> np.ndarray | None:
+def concrete(x: Any) -> np.ndarray | None:
   """``x`` as a NumPy array, or ``None`` while tracing."""
   if isinstance(x, jax.core.Tracer):
     return None
@@ -217,7 +218,7 @@ def pack_nm(
   if mask is None:
     keep = groups != 0
     count = keep.sum(axis=1, keepdims=True, dtype=jnp.int32)
-    seen = _concrete(count)
+    seen = concrete(count)
     if seen is not None and (seen > n).any():
       g, _, c = np.argwhere(seen > n)[0]
       raise ValueError(
@@ -236,7 +237,7 @@ def pack_nm(
         "pass the mask of this leaf."
       )
     keep = mask.astype(bool).reshape(groups.shape)
-    seen = _concrete(keep.sum(axis=1, dtype=jnp.int32))
+    seen = concrete(keep.sum(axis=1, dtype=jnp.int32))
     if seen is not None and (seen != n).any():
       g, c = np.argwhere(seen != n)[0]
       raise ValueError(
@@ -322,7 +323,7 @@ def pack_block(
   tiles = w.reshape(nrows, br, ncols, bc).transpose(2, 0, 1, 3)
   nonzero = jnp.any(tiles != 0, axis=(2, 3))
   counts = nonzero.sum(axis=1, dtype=jnp.int32)
-  seen = _concrete(counts)
+  seen = concrete(counts)
   if max_blocks is None:
     if seen is None:
       raise ValueError(
