@@ -67,7 +67,25 @@ def disk_bytes(directory: str) -> int:
 
 
 def array_bytes(tree) -> int:
+  """Bytes of every array leaf (packed leaves: values and index words)."""
   return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
+
+
+def kernel_bytes(masked, masks, packed) -> tuple[int, int]:
+  """``(dense, packed)`` bytes of the masked kernels alone."""
+  dense = sum(
+    int(w.nbytes)
+    for w, m in zip(
+      jax.tree.leaves(masked), js.masking.treedef_leaves(masked, masks)
+    )
+    if m is not None
+  )
+  packed_sum = sum(
+    js.kernels.packed_nbytes(leaf)
+    for leaf in jax.tree.leaves(packed, is_leaf=jsnn.is_packed)
+    if jsnn.is_packed(leaf)
+  )
+  return dense, packed_sum
 
 
 def kernel_masks(params):
@@ -130,18 +148,7 @@ def main() -> None:
     np.asarray(y, np.float32), np.asarray(y_dense, np.float32), atol=0.1
   )
 
-  kernels_dense = sum(
-    int(w.nbytes)
-    for w, m in zip(
-      jax.tree.leaves(dense), js.masking.treedef_leaves(dense, masks)
-    )
-    if m is not None
-  )
-  kernels_packed = sum(
-    js.kernels.packed_nbytes(leaf)
-    for leaf in jax.tree.leaves(packed, is_leaf=jsnn.is_packed)
-    if jsnn.is_packed(leaf)
-  )
+  kernels_dense, kernels_packed = kernel_bytes(dense, masks, packed)
   count = sum(int(w.size) for w in jax.tree.leaves(dense))
   print(f"# packed 2:4 checkpoints, {datetime.date.today()}")
   print(

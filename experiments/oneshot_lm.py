@@ -298,6 +298,16 @@ def _existing_notes(path: str) -> str:
   return text.split(NOTES_MARKER, 1)[1].strip() if NOTES_MARKER in text else ""
 
 
+def write_page(path: str, render: Callable[[str], str], log: Callable) -> None:
+  """Writes ``render(notes)`` to ``path``, where ``notes`` is the hand-written
+  text below ``NOTES_MARKER`` in the page already there (kept across runs)."""
+  text = render(_existing_notes(path))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+  log(f"wrote {path}")
+
+
 def main_study(
   checkpoint_dir: str | None,
   out: str,
@@ -374,11 +384,9 @@ def main_study(
     f"{config.block_size} chars; perplexity = exp(mean cross-entropy)",
     "study wall time": f"{time.perf_counter() - start:.0f} s",
   }
-  text = format_markdown(study, setting_names, header, _existing_notes(out))
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    f.write(text)
-  log(f"wrote {out}")
+  write_page(
+    out, lambda notes: format_markdown(study, setting_names, header, notes), log
+  )
   return study
 
 

@@ -137,28 +137,6 @@ def cast(params: Any, dtype: Any) -> Any:
   )
 
 
-def tree_bytes(tree: Any) -> int:
-  """Bytes of every array leaf (packed leaves: values and index words)."""
-  return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(tree))
-
-
-def kernel_bytes(masked: Any, masks: Any, packed: Any) -> tuple[int, int]:
-  """``(dense, packed)`` bytes of the masked kernels alone."""
-  dense = sum(
-    int(w.nbytes)
-    for w, m in zip(
-      jax.tree.leaves(masked), js.masking.treedef_leaves(masked, masks)
-    )
-    if m is not None
-  )
-  packed_sum = sum(
-    js.kernels.packed_nbytes(leaf)
-    for leaf in jax.tree.leaves(packed, is_leaf=jsnn.is_packed)
-    if jsnn.is_packed(leaf)
-  )
-  return dense, packed_sum
-
-
 def _same(a: Any, b: Any) -> bool:
   return jax.tree.structure(a) == jax.tree.structure(b) and all(
     np.array_equal(np.asarray(x), np.asarray(y))
@@ -287,7 +265,7 @@ def run_dtype(
   ppl, gaps = evaluate_together(runs, val, batch_size, against="masked")
   ppl["dense"] = lm.evaluate(dense_fn, dense, val, batch_size)
   gap, rounding = gaps["packed"], gaps.get("float32")
-  kernels = kernel_bytes(pruned, masks, packed)
+  kernels = packed_checkpoint.kernel_bytes(pruned, masks, packed)
   itemsize = jnp.dtype(dtype).itemsize
   expected = sum(
     int(w.nbytes) * packed_kernel_ratio(PATTERN, itemsize, w.shape[0])
@@ -319,7 +297,10 @@ def run_dtype(
     "packed_kernels": len(packed_paths),
     "kernel_bytes": {"masked": kernels[0], "packed": kernels[1]},
     "expected_packed_kernel_bytes": expected,
-    "param_bytes": {"masked": tree_bytes(pruned), "packed": tree_bytes(packed)},
+    "param_bytes": {
+      "masked": packed_checkpoint.array_bytes(pruned),
+      "packed": packed_checkpoint.array_bytes(packed),
+    },
     "disk_bytes": disk,
     "forward_s": seconds,
     "forward_batch": tuple(x.shape),
@@ -543,11 +524,9 @@ def main_study(
     "call each",
     "study wall time": f"{time.perf_counter() - start:.0f} s",
   }
-  text = format_markdown(study, header, oneshot_lm._existing_notes(out))
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    f.write(text)
-  log(f"wrote {out}")
+  oneshot_lm.write_page(
+    out, lambda notes: format_markdown(study, header, notes), log
+  )
   return study
 
 
