@@ -2,6 +2,7 @@
 its measured table, and sharded inputs run per shard without collectives."""
 
 import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -69,18 +70,9 @@ class ImplementationsTest(parameterized.TestCase):
       kernels.nm_matmul(x, packed, platform="metal")
 
 
-class _table:
+def _table(tables):
   """Temporarily replaces the measured table the dispatcher reads."""
-
-  def __init__(self, tables):
-    self.tables = tables
-
-  def __enter__(self):
-    self.saved = ops._tables
-    ops._tables = lambda: self.tables
-
-  def __exit__(self, *exc):
-    ops._tables = self.saved
+  return mock.patch.object(ops, "_tables", lambda: tables)
 
 
 def entry(op, pattern, k, batch, density, best, dot=1.0):
@@ -121,18 +113,15 @@ class ChooseTest(parameterized.TestCase):
         ]
       }
     }
-    supported = ops._unsupported
-    ops._unsupported = lambda *a: None
-    try:
-      with _table(table):
-        self.assertEqual(ops.choose(packed, (1, 256), "gpu"), "pallas")
-        self.assertEqual(ops.choose(packed, (8, 256), "gpu"), "pallas")
-        self.assertEqual(ops.choose(packed, (4, 64, 256), "gpu"), "dense")
-        # A shape the kernel refuses takes the fastest of the others.
-        ops._unsupported = lambda *a: "not tiled"
-        self.assertEqual(ops.choose(packed, (1, 256), "gpu"), "reference")
-    finally:
-      ops._unsupported = supported
+    supported = mock.patch.object(ops, "_unsupported", lambda *a: None)
+    with _table(table), supported:
+      self.assertEqual(ops.choose(packed, (1, 256), "gpu"), "pallas")
+      self.assertEqual(ops.choose(packed, (8, 256), "gpu"), "pallas")
+      self.assertEqual(ops.choose(packed, (4, 64, 256), "gpu"), "dense")
+    # A shape the kernel refuses takes the fastest of the others.
+    refused = mock.patch.object(ops, "_unsupported", lambda *a: "not tiled")
+    with _table(table), refused:
+      self.assertEqual(ops.choose(packed, (1, 256), "gpu"), "reference")
 
   def test_packing_pays_only_where_a_packed_matmul_beat_jnp_dot(self):
     _, packed = nm_weight(0, 256, 256)
