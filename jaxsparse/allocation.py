@@ -120,13 +120,19 @@ def layer_sparsities(
   allocation: Allocation,
   shapes: Sequence[tuple[int, ...]],
   sparsity: Float[ArrayLike, ""],
+  sizes: Sequence[int] | None = None,
 ) -> list[Float[Array, ""]]:
   """Per-leaf sparsities whose size-weighted mean is ``sparsity``.
 
   Args:
     allocation: :func:`uniform`, :func:`er` or :func:`erk`.
-    shapes: the selected leaves' shapes (static).
+    shapes: the selected leaves' shapes (static): the shape of one layer,
+      from which ER/ERK read the raw density.
     sparsity: the global target, possibly traced.
+    sizes: the entries of each leaf (static); default ``prod(shape)``. A
+      stack of ``L`` layers passes one layer's shape and ``L`` times its
+      size: its layers are then allocated together, as RigL's loop treats
+      layers of equal raw density.
 
   Returns:
     One float32 scalar per shape.
@@ -136,7 +142,9 @@ def layer_sparsities(
     return [s for _ in shapes]
   if isinstance(allocation, GlobalThreshold):
     raise ValueError("global_threshold() has no per-leaf sparsities.")
-  sizes = np.array([np.prod(shape) for shape in shapes], np.float64)
+  if sizes is None:
+    sizes = [np.prod(shape) for shape in shapes]
+  sizes = np.array(sizes, np.float64)
   raw = np.array([raw_density(allocation, shape) for shape in shapes])
   # RigL's loop makes the leaf with the largest raw density dense until eps is
   # valid. Dense sets are therefore prefixes of the leaves sorted by raw

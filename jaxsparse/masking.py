@@ -6,9 +6,10 @@ shape where the param is sparsified, and ``None`` where it stays dense.
 paths, shapes and dtypes; the *mask* (which entries are kept) is dynamic state.
 """
 
+import dataclasses
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -17,53 +18,39 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
 from jaxsparse import allocation as allocation_lib
+from jaxsparse import layout as layout_lib
 from jaxsparse import patterns as patterns_lib
 from jaxsparse import threshold
+from jaxsparse.paths import leaf_paths as leaf_paths
+from jaxsparse.paths import path_str as path_str
 from jaxsparse.types import MaskTree, Params, Selection, Updates
 
-
-def path_str(path: Sequence[Any]) -> str:
-  """Normalises a JAX key path to ``a/b/kernel``.
-
-  Dict keys, attribute names and sequence indices become path segments; the
-  trailing ``value`` of ``nnx.Variable`` leaves is dropped, so linen dicts and
-  ``nnx.State`` give the same paths.
-  """
-  parts = []
-  for entry in path:
-    if isinstance(entry, jax.tree_util.DictKey):
-      parts.append(str(entry.key))
-    elif isinstance(entry, jax.tree_util.GetAttrKey):
-      parts.append(entry.name)
-    elif isinstance(entry, jax.tree_util.SequenceKey):
-      parts.append(str(entry.idx))
-    elif isinstance(entry, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(entry.key))
-    else:
-      parts.append(str(entry))
-  if len(parts) > 1 and parts[-1] == "value":
-    parts.pop()
-  return "/".join(parts)
-
-
-def leaf_paths(tree: PyTree) -> list[str]:
-  """Normalised paths of the array leaves of ``tree``."""
-  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+EMBEDDING_NAMES = ("embedding",)
+DENSE_LEAF_NAMES = ("bias", "scale")
 
 
 class DefaultWhere(NamedTuple):
   """The default selection: weight matrices and conv kernels.
 
-  Selects floating leaves with ``ndim >= 2`` except embedding tables (a path
-  segment named ``embedding``, as in ``nn.Embed``/``nnx.Embed``) and the paths
+  Without the model (``where=None``), selects floating leaves with ``ndim
+  >= 2`` except embedding and position tables (a path segment containing
+  ``embedding``: ``nn.Embed``/``nnx.Embed`` tables, ``pos_embedding``,
+  Hugging Face's ``wpe/embedding``), biases and norm scales (a leaf named
+  ``bias`` or ``scale``, which a scanned stack makes 2-D), and the paths
   matched by any ``exclude`` regex (e.g. the first and last layer:
   ``exclude=("Dense_0", "Dense_2")``). Each regex must match some param.
+
+  From the model, :func:`jaxsparse.find_kernels` knows instead of guessing:
+  the leaves it finds consumed by a matmul or convolution.
   """
 
   exclude: tuple[str, ...] = ()
 
   def __call__(self, path: str, leaf: ArrayLike) -> bool:
-    if jnp.ndim(leaf) < 2 or "embedding" in path.split("/"):
+    segments = path.split("/")
+    if jnp.ndim(leaf) < 2 or segments[-1] in DENSE_LEAF_NAMES:
+      return False
+    if any(name in s.lower() for s in segments for name in EMBEDDING_NAMES):
       return False
     return not any(re.search(pattern, path) for pattern in self.exclude)
 
@@ -84,74 +71,248 @@ def _is_floating(leaf: Any) -> bool:
   return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
 
 
-def resolve_where(
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+  """How one selected leaf is sparsified: its pattern on its matrices.
+
+  Attributes:
+    path: the leaf's ``a/b/kernel`` path.
+    pattern: the leaf's pattern, acting on each matrix ``[K, N]`` of the
+      leaf's :class:`~jaxsparse.layout.Layout`.
+    layout: the leaf's layout (from :func:`jaxsparse.find_kernels`, else
+      :func:`jaxsparse.layout.default_layout`).
+  """
+
+  path: str
+  pattern: patterns_lib.Pattern
+  layout: layout_lib.Layout
+
+  def select(self, scores: Array, sparsity: ArrayLike) -> Array:
+    """The leaf's mask keeping its highest ``scores`` at ``sparsity``, with
+    exact counts per matrix."""
+    if isinstance(self.pattern, patterns_lib.Unstructured) and not (
+      self.layout.stack
+    ):  # one matrix, any entries: no need to form it (stays shard-local)
+      return patterns_lib.select(self.pattern, scores, sparsity)
+    return layout_lib.on_matrices(
+      lambda s: patterns_lib.select(self.pattern, s, sparsity),
+      self.layout,
+      jnp.asarray(scores, jnp.float32),
+    )
+
+  def follows(self, mask: ArrayLike) -> bool:
+    """Whether a concrete mask obeys the pattern on every matrix."""
+    mask = np.asarray(mask, bool)
+    matrices = np.asarray(
+      layout_lib.to_matrices(jnp.asarray(mask), self.layout)
+    )
+    return all(patterns_lib.follows(self.pattern, m) for m in matrices)
+
+  def allocation_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+    """One layer's shape (the leaf without its stack axes), for ER/ERK."""
+    return self.layout.slice_shape(shape)
+
+  def describe(self, shape: Sequence[int]) -> str:
+    return f"{self.pattern!r} on {self.layout.describe(shape)}"
+
+
+PatternSpec = (
+  patterns_lib.Pattern
+  | Mapping[str, patterns_lib.Pattern]
+  | Callable[[str, Any], patterns_lib.Pattern]
+)
+"""One pattern for every leaf, ``{regex: pattern}`` (first ``re.search``
+match), or ``(path, leaf) -> pattern``."""
+
+
+def known_patterns(pattern: Any) -> list[patterns_lib.Pattern] | None:
+  """The patterns a pattern spec may give (``None`` for a function)."""
+  if isinstance(pattern, patterns_lib.PATTERNS):
+    return [pattern]
+  if isinstance(pattern, Mapping):
+    return list(pattern.values())
+  if callable(pattern):
+    return None
+  patterns_lib.check_pattern(pattern)  # raises
+  return [pattern]
+
+
+def check_pattern_spec(pattern: Any, method: str) -> None:
+  """Raises ``ValueError`` for a bad pattern spec (before any params)."""
+  if isinstance(pattern, patterns_lib.PATTERNS):
+    patterns_lib.check_pattern(pattern)
+  elif isinstance(pattern, Mapping):
+    if not pattern:
+      raise ValueError(f"{method}: pattern={{}} maps no path to a pattern.")
+    for regex, value in pattern.items():
+      if not isinstance(regex, str):
+        raise ValueError(
+          f"{method}: pattern mapping key {regex!r} is not a path regex."
+        )
+      patterns_lib.check_pattern(value)
+  elif not isinstance(pattern, patterns_lib.PATTERNS) and not callable(pattern):
+    patterns_lib.check_pattern(pattern)
+
+
+def _leaf_pattern(
+  pattern: Any, path: str, leaf: Any, method: str
+) -> patterns_lib.Pattern:
+  if isinstance(pattern, patterns_lib.PATTERNS):
+    return pattern
+  if isinstance(pattern, Mapping):
+    for regex, value in pattern.items():
+      if re.search(regex, path):
+        return value
+    raise ValueError(
+      f"{method}: {path} is sparsified but no key of the pattern mapping "
+      f"{list(pattern)} matches it; add a catch-all entry such as "
+      "'.*': js.Unstructured(), or keep the leaf dense with `where=`."
+    )
+  found = pattern(path, leaf)
+  try:
+    patterns_lib.check_pattern(found)
+  except ValueError as e:
+    raise ValueError(
+      f"{method}: the pattern function gave {path}: {e}"
+    ) from None
+  return found
+
+
+def leaf_specs(
   where: Selection,
   params: Params,
   method: str,
-  pattern: patterns_lib.Pattern | None = None,
+  pattern: PatternSpec | None = None,
 ) -> PyTree:
-  """The static selection as a params-shaped tree of Python bools.
+  """The static selection: a :class:`LeafSpec` per selected leaf.
 
   Args:
-    where: ``None`` (:func:`default_where`), a regex string searched in each
+    where: ``None`` (:func:`default_where`), a
+      :class:`~jaxsparse.layout.Kernels` (from :func:`jaxsparse.find_kernels`:
+      its kernels, with their layouts), a regex string searched in each
       ``a/b/kernel`` path, a predicate ``(path, leaf) -> bool``, or a tree of
       bools with the params' structure (or a prefix of it), as in
       ``optax.masked``.
     params: the params (arrays, tracers or ``ShapeDtypeStruct``).
     method: the method's name, for error messages.
-    pattern: if given, each selected leaf is checked against it
-      (:func:`jaxsparse.patterns.check_leaf`).
+    pattern: a pattern, ``{regex: pattern}`` or ``(path, leaf) -> pattern``;
+      each selected leaf's matrices are checked against its pattern.
+
+  Returns:
+    A params-shaped tree with a :class:`LeafSpec` where a leaf is selected
+    and ``False`` elsewhere.
 
   Raises:
-    ValueError: nothing is selected, an ``exclude`` regex matches no param, a
-      selected param is not floating point or does not fit ``pattern``, or a
-      bool tree does not match.
+    ValueError: nothing is selected, an ``exclude`` regex or a pattern
+      mapping key matches no param, a selected param is not floating point
+      or its matrices do not fit its pattern, a ``Kernels`` was found on
+      other params, or a bool tree does not match.
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [path_str(p) for p, _ in flat]
   leaves = [leaf for _, leaf in flat]
-  if where is None:
-    where = default_where()
-  if isinstance(where, str):
-    regex = where
-    chosen = [re.search(regex, path) is not None for path in paths]
-  elif callable(where):
-    chosen = [bool(where(path, leaf)) for path, leaf in zip(paths, leaves)]
-  else:
-    try:
-      chosen = jax.tree.leaves(
-        jax.tree.map(
-          lambda w, sub: jax.tree.map(lambda _: bool(w), sub), where, params
-        )
-      )
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-        f"{method}: `where` is a tree that does not match the params' "
-        f"structure ({e}); give a tree of bools shaped like the params, a "
-        "regex, or a (path, leaf) predicate."
-      ) from None
-  if isinstance(where, DefaultWhere):
-    for excluded in where.exclude:
-      if not any(re.search(excluded, path) for path in paths):
-        raise ValueError(
-          f"{method}: exclude={excluded!r} matches no param; the params are "
-          f"{paths}."
-        )
+  chosen = _chosen(where, params, paths, leaves, method)
   if not any(chosen):
     raise ValueError(
       f"{method}: `where` selects no param to sparsify; the params are "
       f"{paths} (the default selects floating leaves with ndim >= 2, minus "
-      "embeddings). Pass `where=` as a regex or a (path, leaf) predicate."
+      "embeddings, biases and scales). Pass `where=` as a regex, a (path, "
+      "leaf) predicate or js.find_kernels(apply_fn, params, x)."
     )
+  pattern = patterns_lib.Unstructured() if pattern is None else pattern
+  if isinstance(pattern, Mapping):
+    selected = [p for p, c in zip(paths, chosen) if c]
+    for regex in pattern:
+      if not any(re.search(regex, p) for p in selected):
+        raise ValueError(
+          f"{method}: pattern key {regex!r} matches no sparsified param; "
+          f"they are {selected}."
+        )
+  specs = []
   for path, leaf, c in zip(paths, leaves, chosen):
-    if c and not _is_floating(leaf):
+    if not c:
+      specs.append(False)
+      continue
+    if not _is_floating(leaf):
       raise ValueError(
         f"{method}: {path} has dtype {jnp.result_type(leaf)}; only floating "
         "params can be sparsified. Exclude it with `where=`."
       )
-    if c and pattern is not None:
-      patterns_lib.check_leaf(pattern, jnp.shape(leaf), f"{method}: {path}")
-  return jax.tree_util.tree_unflatten(treedef, chosen)
+    shape = tuple(jnp.shape(leaf))
+    layout = layout_lib.leaf_layout(where, path, shape)
+    spec = LeafSpec(path, _leaf_pattern(pattern, path, leaf, method), layout)
+    check_spec(spec, shape, method)
+    specs.append(spec)
+  return jax.tree_util.tree_unflatten(treedef, specs)
+
+
+def check_spec(spec: LeafSpec, shape: Sequence[int], method: str) -> None:
+  """Raises ``ValueError`` naming the leaf if its matrices do not fit."""
+  layout_lib.check_layout(spec.layout, shape, f"{method}: {spec.path}")
+  matrix = spec.layout.matrix_shape(shape)
+  where = (
+    ""
+    if spec.layout.is_plain(len(shape))
+    else f" (its matrices {spec.layout.describe(shape)} of shape "
+    f"{tuple(shape)}, contracting axes {spec.layout.contract})"
+  )
+  try:
+    patterns_lib.check_leaf(spec.pattern, matrix, f"{method}: {spec.path}")
+  except ValueError as e:
+    raise ValueError(f"{e}{where}") from None
+
+
+def _chosen(where, params, paths, leaves, method) -> list[bool]:
+  if where is None:
+    where = default_where()
+  if isinstance(where, layout_lib.Kernels):
+    unknown = sorted(set(paths) - set(where))
+    if unknown:
+      raise ValueError(
+        f"{method}: `where` is a js.Kernels found on other params: it does "
+        f"not know {unknown[:5]}; call js.find_kernels on the params the "
+        "optimizer sees."
+      )
+    selected = set(where.selected)
+    return [path in selected for path in paths]
+  if isinstance(where, str):
+    return [re.search(where, path) is not None for path in paths]
+  if callable(where):
+    chosen = [bool(where(path, leaf)) for path, leaf in zip(paths, leaves)]
+    if isinstance(where, DefaultWhere):
+      for excluded in where.exclude:
+        if not any(re.search(excluded, path) for path in paths):
+          raise ValueError(
+            f"{method}: exclude={excluded!r} matches no param; the params "
+            f"are {paths}."
+          )
+    return chosen
+  try:
+    return jax.tree.leaves(
+      jax.tree.map(
+        lambda w, sub: jax.tree.map(lambda _: bool(w), sub), where, params
+      )
+    )
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+      f"{method}: `where` is a tree that does not match the params' "
+      f"structure ({e}); give a tree of bools shaped like the params, a "
+      "regex, or a (path, leaf) predicate."
+    ) from None
+
+
+def resolve_where(
+  where: Selection,
+  params: Params,
+  method: str,
+  pattern: PatternSpec | None = None,
+) -> PyTree:
+  """The static selection as a params-shaped tree of Python bools.
+
+  See :func:`leaf_specs` for the arguments and checks.
+  """
+  specs = leaf_specs(where, params, method, pattern)
+  return jax.tree.map(lambda s: s is not False, specs)
 
 
 def init_masks(params: Params, chosen: PyTree) -> MaskTree:
@@ -228,11 +389,34 @@ def project_updates(
   )
 
 
+def _spec_leaves(pattern: Any, scores: PyTree) -> list[Any]:
+  """One :class:`LeafSpec` (or ``False``) per leaf of ``scores``."""
+  flat = jax.tree_util.tree_flatten_with_path(
+    scores, is_leaf=lambda x: x is None
+  )[0]
+  if isinstance(pattern, patterns_lib.PATTERNS):
+    return [
+      False
+      if leaf is None
+      else LeafSpec(
+        path_str(key), pattern, layout_lib.default_layout(jnp.shape(leaf))
+      )
+      for key, leaf in flat
+    ]
+  specs = jax.tree.leaves(pattern, is_leaf=lambda x: x is None)
+  if len(specs) != len(flat):
+    raise ValueError(
+      f"pattern: {len(specs)} leaf specs for {len(flat)} scores; pass the "
+      "tree from js.masking.leaf_specs(where, params, ...)."
+    )
+  return specs
+
+
 def masks_from_scores(
   scores: PyTree,
   sparsity: ArrayLike,
   *,
-  pattern: patterns_lib.Pattern,
+  pattern: patterns_lib.Pattern | PyTree,
   allocation: allocation_lib.Allocation,
 ) -> MaskTree:
   """New masks keeping the highest scores at the allocated sparsities.
@@ -240,25 +424,30 @@ def masks_from_scores(
   Args:
     scores: params-shaped tree; ``None`` where a param is not sparsified.
     sparsity: the global target (traced is fine).
-    pattern: how entries are grouped (see :mod:`jaxsparse.patterns`).
-    allocation: how the target is split over leaves.
+    pattern: one pattern for every leaf (on its
+      :func:`~jaxsparse.layout.default_layout` matrices), or the tree of
+      :class:`LeafSpec` from :func:`leaf_specs` (each leaf's pattern on its
+      own layout's matrices).
+    allocation: how the target is split over leaves; each matrix of a
+      stacked leaf is a layer (ER/ERK read one layer's shape).
 
   Returns:
     The mask tree, with ``None`` where ``scores`` has ``None``.
   """
   leaves, treedef = jax.tree.flatten(scores, is_leaf=lambda x: x is None)
+  specs = _spec_leaves(pattern, scores)
   chosen = [i for i, leaf in enumerate(leaves) if leaf is not None]
   selected = [leaves[i] for i in chosen]
   if isinstance(allocation, allocation_lib.GlobalThreshold):
     total = sum(leaf.size for leaf in selected)
     new = threshold.topk_masks(selected, threshold.num_kept(total, sparsity))
   else:
-    shapes = [leaf.shape for leaf in selected]
-    per_leaf = allocation_lib.layer_sparsities(allocation, shapes, sparsity)
-    new = [
-      patterns_lib.select(pattern, leaf, s)
-      for leaf, s in zip(selected, per_leaf)
-    ]
+    shapes = [specs[i].allocation_shape(leaves[i].shape) for i in chosen]
+    sizes = [leaf.size for leaf in selected]
+    per_leaf = allocation_lib.layer_sparsities(
+      allocation, shapes, sparsity, sizes=sizes
+    )
+    new = [specs[i].select(leaves[i], s) for i, s in zip(chosen, per_leaf)]
   out: list[Array | None] = [None] * len(leaves)
   for i, mask in zip(chosen, new):
     out[i] = mask
@@ -270,7 +459,7 @@ def reselect(
   masks: MaskTree,
   sparsity: ArrayLike,
   *,
-  pattern: patterns_lib.Pattern,
+  pattern: patterns_lib.Pattern | PyTree,
   allocation: allocation_lib.Allocation,
 ) -> MaskTree:
   """:func:`masks_from_scores` on the leaves ``masks`` covers.

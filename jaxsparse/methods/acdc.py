@@ -181,7 +181,7 @@ def acdc(
   phase_steps: int | None = None,
   final_dense_steps: int | None = None,
   final_sparse_steps: int | None = None,
-  pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
+  pattern: masks_lib.PatternSpec = patterns_lib.Unstructured(),
   allocation: allocation_lib.Allocation = allocation_lib.GlobalThreshold(),
   where: Selection = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -285,12 +285,14 @@ def acdc(
     was_sparse = schedule.is_sparse(count - 1)
     compress = sparse & ~was_sparse
 
+    specs = masks_lib.leaf_specs(where, params, "acdc", pattern)
+
     def threshold():
       return masks_lib.reselect(
         scores_lib.magnitude(params),
         state.masks,
         schedules.value_at(sparsity, count),
-        pattern=pattern,
+        pattern=specs,
         allocation=allocation,
       )
 

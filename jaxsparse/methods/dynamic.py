@@ -41,6 +41,7 @@ import optax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree, UInt32
 
 from jaxsparse import allocation as allocation_lib
+from jaxsparse import layout as layout_lib
 from jaxsparse import masking as masks_lib
 from jaxsparse import patterns as patterns_lib
 from jaxsparse import schedules, threshold
@@ -356,13 +357,13 @@ def _dynamic(
   seed: int,
 ) -> optax.GradientTransformationExtraArgs:
   _check_fixed_sparsity(name, sparsity)
-  patterns_lib.check_pattern(pattern)
+  masks_lib.check_pattern_spec(pattern, name)
   if allocation is None:
-    allocation = (
-      allocation_lib.Uniform()
-      if isinstance(pattern, patterns_lib.NM)
-      else default_allocation
+    has_nm = any(
+      isinstance(p, patterns_lib.NM)
+      for p in masks_lib.known_patterns(pattern) or []
     )
+    allocation = allocation_lib.Uniform() if has_nm else default_allocation
   _no_global_threshold(name, allocation)
   schedules.check_cadence(update_every, begin_step, end_step)
   sparsity = pruning._resolve_sparsity(sparsity, pattern, allocation, (), name)
@@ -392,13 +393,14 @@ def _dynamic(
       raise ValueError(NEEDS_GRADS.format(name=name))
     count = state.count
     key_data = _key_data(state)
+    specs = masks_lib.leaf_specs(where, params, name, pattern)
 
     def initial_masks():
       return masks_lib.reselect(
         scores_lib.random(params, key_data),
         state.masks,
         sparsity,
-        pattern=pattern,
+        pattern=specs,
         allocation=allocation,
       )
 
@@ -408,12 +410,17 @@ def _dynamic(
         growth = scores_lib.magnitude(grads)
       else:
         growth = scores_lib.random(params, key_data)
-      return _map_masked(
-        lambda m, p, g: pattern_drop_and_grow(pattern, m, jnp.abs(p), g, f),
-        state.masks,
-        params,
-        growth,
-      )
+
+      def one(m, p, g, spec):
+        return layout_lib.on_matrices(
+          lambda m, d, g: pattern_drop_and_grow(spec.pattern, m, d, g, f),
+          spec.layout,
+          m,
+          jnp.abs(p),
+          g,
+        )
+
+      return _map_masked(one, state.masks, params, growth, specs)
 
     branch = _schedule_branch(count, update_every, begin_step, end_step)
     masks = jax.lax.switch(
@@ -432,7 +439,7 @@ def rigl(
   *,
   drop_fraction: float = 0.3,
   end_step: Step | None = None,
-  pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
+  pattern: masks_lib.PatternSpec = patterns_lib.Unstructured(),
   allocation: allocation_lib.Allocation | None = None,
   where: Selection = None,
   update_every: Step = 100,
@@ -501,7 +508,7 @@ def set_sparse(
   *,
   drop_fraction: float = 0.3,
   end_step: Step | None = None,
-  pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
+  pattern: masks_lib.PatternSpec = patterns_lib.Unstructured(),
   allocation: allocation_lib.Allocation | None = None,
   where: Selection = None,
   update_every: Step = 100,
@@ -679,6 +686,21 @@ def snfs_rewire(
   return new
 
 
+def _layers(i, masks, weights, momenta, layouts):
+  """The layers of leaf ``i``: itself, or each matrix of a stacked leaf."""
+  layout = layouts[i]
+  if not layout.stack:
+    return [masks[i]], [weights[i]], [momenta[i]]
+  split = lambda x: list(layout_lib.to_matrices(jnp.asarray(x), layout))
+  return split(masks[i]), split(weights[i]), split(momenta[i])
+
+
+def _unlayers(masks, layout, shape):
+  if not layout.stack:
+    return masks[0]
+  return layout_lib.from_matrices(jnp.stack(masks), layout, shape)
+
+
 def snfs(
   sparsity: float,
   *,
@@ -789,12 +811,14 @@ def snfs(
       is_leaf=lambda x: x is None,
     )
 
+    specs = masks_lib.leaf_specs(where, params, name)
+
     def initial_masks():
       return masks_lib.reselect(
         scores_lib.random(params, key_data),
         state.masks,
         sparsity,
-        pattern=patterns_lib.Unstructured(),
+        pattern=specs,
         allocation=allocation,
       )
 
@@ -805,16 +829,24 @@ def snfs(
       )
       weights = jax.tree.leaves(params)
       moms = jax.tree.flatten(momenta, is_leaf=lambda x: x is None)[0]
+      layouts = [s.layout if s else None for s in jax.tree.leaves(specs)]
       chosen = [i for i, m in enumerate(leaves) if m is not None]
+      # Each matrix of a stacked leaf is a layer of its own.
+      layers = [_layers(i, leaves, weights, moms, layouts) for i in chosen]
       new = snfs_rewire(
-        [leaves[i] for i in chosen],
-        [weights[i] for i in chosen],
-        [moms[i] for i in chosen],
+        [m for layer in layers for m in layer[0]],
+        [w for layer in layers for w in layer[1]],
+        [g for layer in layers for g in layer[2]],
         p,
       )
       out = list(leaves)
-      for i, mask in zip(chosen, new):
-        out[i] = mask
+      start = 0
+      for i, layer in zip(chosen, layers):
+        count_i = len(layer[0])
+        out[i] = _unlayers(
+          new[start : start + count_i], layouts[i], leaves[i].shape
+        )
+        start += count_i
       return jax.tree.unflatten(treedef, out)
 
     branch = _schedule_branch(count, update_every, begin_step, end_step)
@@ -854,19 +886,6 @@ def _row_topk(
 ) -> Bool[Array, "rows cols"]:
   """The ``k[r]`` largest scores of every row ``r``."""
   return _row_ranks(scores) < k[:, None]
-
-
-def fan_in_kept(
-  shape: tuple[int, ...], sparsity: Float[ArrayLike, ""]
-) -> Int[Array, ""]:
-  """SRigL's constant fan-in ``k = fan_in - round(s fan_in)``.
-
-  ``fan_in`` is the product of every axis but the last (output) one.
-  """
-  fan_in = 1
-  for size in shape[:-1]:
-    fan_in *= size
-  return patterns_lib.num_kept(fan_in, sparsity)
 
 
 def constant_fan_in_rewire(
@@ -1009,19 +1028,24 @@ def srigl(
   if end_step is not None and isinstance(end_step, numbers.Integral):
     fraction = cosine_drop_fraction(drop_fraction, end_step - begin_step)
 
-  def fan_ins(masks: MaskTree) -> PyTree:
+  def fan_ins(masks: MaskTree, specs: PyTree) -> PyTree:
     leaves, treedef = jax.tree.flatten(masks, is_leaf=lambda x: x is None)
+    spec_leaves = jax.tree.leaves(specs)
     chosen = [i for i, m in enumerate(leaves) if m is not None]
     per_leaf = allocation_lib.layer_sparsities(
-      allocation, [leaves[i].shape for i in chosen], sparsity
+      allocation,
+      [spec_leaves[i].allocation_shape(leaves[i].shape) for i in chosen],
+      sparsity,
+      sizes=[leaves[i].size for i in chosen],
     )
     out: list[Array | None] = [None] * len(leaves)
     for i, s in zip(chosen, per_leaf):
-      out[i] = fan_in_kept(leaves[i].shape, s)
+      k, _ = spec_leaves[i].layout.matrix_shape(leaves[i].shape)
+      out[i] = patterns_lib.num_kept(k, s)
     return jax.tree.unflatten(treedef, out)
 
   def init_fn(params: Params) -> DynamicSparseState:
-    chosen = masks_lib.resolve_where(where, params, name)
+    chosen = masks_lib.leaf_specs(where, params, name)
     _check_leaves(name, params, chosen, _check_fan_in_leaf)
     return DynamicSparseState(
       jnp.zeros([], jnp.int32),
@@ -1045,34 +1069,40 @@ def srigl(
       raise ValueError(NEEDS_GRADS.format(name=name))
     count = state.count
     key_data = _key_data(state)
-    ks = fan_ins(state.masks)
+    specs = masks_lib.leaf_specs(where, params, name)
+    ks = fan_ins(state.masks, specs)
 
     def initial_masks():
-      def one(m, s, k):
+      def one(m, s, k, spec):
         def fn(scores):
           return _unneurons(
-            _row_topk(_neurons(scores), jnp.full([m.shape[-1]], k)), m.shape
+            _row_topk(_neurons(scores), jnp.full([scores.shape[-1]], k)),
+            scores.shape,
           )
 
-        return _gathered(fn, tuple(range(m.ndim)), s)
+        on_leaf = lambda s: layout_lib.on_matrices(fn, spec.layout, s)
+        return _gathered(on_leaf, tuple(range(m.ndim)), s)
 
       return _map_masked(
-        one, state.masks, scores_lib.random(params, key_data), ks
+        one, state.masks, scores_lib.random(params, key_data), ks, specs
       )
 
     def rewired_masks():
       f = schedules.value_at(fraction, count - begin_step)
 
-      def one(m, p, g, k):
+      def one(m, p, g, k, spec):
+        rewire = lambda m_, p_, g_: constant_fan_in_rewire(
+          m_, p_, g_, f, k, gamma
+        )
         return _gathered(
-          lambda m_, p_, g_: constant_fan_in_rewire(m_, p_, g_, f, k, gamma),
+          lambda *xs: layout_lib.on_matrices(rewire, spec.layout, *xs),
           tuple(range(m.ndim)),
           m,
           p,
           jnp.abs(g).astype(jnp.float32),
         )
 
-      return _map_masked(one, state.masks, params, grads, ks)
+      return _map_masked(one, state.masks, params, grads, ks, specs)
 
     branch = _schedule_branch(count, update_every, begin_step, end_step)
     masks = jax.lax.switch(

@@ -75,7 +75,7 @@ def _check_callable(fn: object, arg: str, name: str, signature: str) -> None:
 
 def _check_sparsity(
   sparsity: float | None,
-  pattern: patterns_lib.Pattern,
+  pattern: masks_lib.PatternSpec,
   allocation: allocation_lib.Allocation,
   name: str,
 ) -> float:
@@ -261,7 +261,7 @@ def snip(
   loss_fn: LossFn,
   batch: Any,
   *,
-  pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
+  pattern: masks_lib.PatternSpec = patterns_lib.Unstructured(),
   allocation: allocation_lib.Allocation = allocation_lib.GlobalThreshold(),
   where: Selection = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -310,12 +310,12 @@ def snip(
   _check_callable(loss_fn, "loss_fn", name, "(params, batch) -> scalar")
 
   def compute_masks(params):
-    chosen = masks_lib.resolve_where(where, params, name, pattern)
+    chosen = masks_lib.leaf_specs(where, params, name, pattern)
     return masks_lib.reselect(
       snip_scores(loss_fn, params, batch),
       masks_lib.init_masks(params, chosen),
       target,
-      pattern=pattern,
+      pattern=chosen,
       allocation=allocation,
     )
 
@@ -327,7 +327,7 @@ def grasp(
   loss_fn: LossFn,
   batch: Any,
   *,
-  pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
+  pattern: masks_lib.PatternSpec = patterns_lib.Unstructured(),
   allocation: allocation_lib.Allocation = allocation_lib.GlobalThreshold(),
   where: Selection = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -366,12 +366,12 @@ def grasp(
   _check_callable(loss_fn, "loss_fn", name, "(params, batch) -> scalar")
 
   def compute_masks(params):
-    chosen = masks_lib.resolve_where(where, params, name, pattern)
+    chosen = masks_lib.leaf_specs(where, params, name, pattern)
     return masks_lib.reselect(
-      grasp_scores(loss_fn, params, batch, where=chosen),
+      grasp_scores(loss_fn, params, batch, where=jax.tree.map(bool, chosen)),
       masks_lib.init_masks(params, chosen),
       target,
-      pattern=pattern,
+      pattern=chosen,
       allocation=allocation,
     )
 
@@ -384,7 +384,7 @@ def synflow(
   input_shape: Sequence[int],
   *,
   iterations: int = 100,
-  pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
+  pattern: masks_lib.PatternSpec = patterns_lib.Unstructured(),
   allocation: allocation_lib.Allocation = allocation_lib.GlobalThreshold(),
   where: Selection = None,
   dtype: DTypeLike = jnp.float32,
@@ -465,7 +465,7 @@ def synflow(
   density = 1.0 - target
 
   def compute_masks(params):
-    chosen = masks_lib.resolve_where(where, params, name, pattern)
+    chosen = masks_lib.leaf_specs(where, params, name, pattern)
 
     def prune_round(k, masks):
       scores = synflow_scores(apply_fn, params, masks, input_shape, dtype=dtype)
@@ -481,7 +481,7 @@ def synflow(
       level = 1 - jnp.float32(density) ** exponent
       level = jnp.where(k == iterations - 1, jnp.float32(target), level)
       return masks_lib.masks_from_scores(
-        scores, level, pattern=pattern, allocation=allocation
+        scores, level, pattern=chosen, allocation=allocation
       )
 
     return jax.lax.fori_loop(

@@ -69,47 +69,74 @@ class RandomPruningState(NamedTuple):
 
 def _resolve_sparsity(
   sparsity: ScalarOrSchedule | None,
-  pattern: patterns_lib.Pattern,
+  pattern: masks_lib.PatternSpec,
   allocation: allocation_lib.Allocation,
   probe_steps: tuple[int, ...],
   name: str,
 ) -> ScalarOrSchedule:
-  """Checks the static configuration; returns the sparsity to use."""
-  patterns_lib.check_pattern(pattern)
+  """Checks the static configuration; returns the sparsity to use.
+
+  ``pattern`` may give leaves different patterns (a mapping or a function,
+  see :func:`jaxsparse.masking.leaf_specs`). N:M leaves keep exactly ``n``
+  of ``m`` once the sparsity reaches their level ``1 - n/m``: with N:M
+  leaves only, the sparsity is that level (``None`` means it); mixed with
+  other patterns, the sparsity must end at or above every N:M level.
+  """
+  masks_lib.check_pattern_spec(pattern, name)
   allocation_lib.check_allocation(allocation)
-  if isinstance(pattern, patterns_lib.NM):
-    level = 1 - pattern.n / pattern.m
-    if not isinstance(allocation, allocation_lib.Uniform):
-      raise ValueError(
-        f"{name}: {pattern!r} fixes every layer's sparsity at {level:g}; "
-        f"allocation={allocation!r} cannot redistribute it. Use "
-        "allocation=js.uniform()."
-      )
+  known = masks_lib.known_patterns(pattern)
+  nm = [p for p in known or [] if isinstance(p, patterns_lib.NM)]
+  only_nm = known is not None and len(nm) == len(known)
+  if nm and not isinstance(allocation, allocation_lib.Uniform):
+    raise ValueError(
+      f"{name}: {nm[0]!r} fixes its layers' sparsity at "
+      f"{1 - nm[0].n / nm[0].m:g}; allocation={allocation!r} cannot "
+      "redistribute it. Use allocation=js.uniform()."
+    )
+  levels = sorted({1 - p.n / p.m for p in nm})
+  if only_nm and len(levels) == 1:
+    (first, *_) = nm
+    level = levels[0]
     if sparsity is None:
       return level
-    if isinstance(sparsity, numbers.Real) and round(sparsity * pattern.m) != (
-      pattern.m - pattern.n
+    if isinstance(sparsity, numbers.Real) and round(sparsity * first.m) != (
+      first.m - first.n
     ):
       raise ValueError(
-        f"{name}: sparsity={sparsity} does not match {pattern!r}, whose "
+        f"{name}: sparsity={sparsity} does not match {first!r}, whose "
         f"sparsity is {level:g}. Pass sparsity=None (or {level:g}), or a "
         "schedule that ramps up to it."
       )
     if callable(sparsity):
       for step in probe_steps:
         value = float(sparsity(jnp.asarray(step, jnp.int32)))
-        if round(value * pattern.m) > pattern.m - pattern.n:
+        if round(value * first.m) > first.m - first.n:
           raise ValueError(
             f"{name}: the sparsity schedule reaches {value:g} at step {step}, "
-            f"beyond the {level:g} that {pattern!r} allows; end the schedule "
+            f"beyond the {level:g} that {first!r} allows; end the schedule "
             f"at {level:g}."
           )
   elif sparsity is None:
     raise ValueError(
       f"{name}: pass a sparsity (a float in [0, 1) or a schedule)."
     )
-  if isinstance(allocation, allocation_lib.GlobalThreshold) and not isinstance(
-    pattern, patterns_lib.Unstructured
+  elif nm:
+    final = (
+      float(sparsity(jnp.asarray(max(probe_steps), jnp.int32)))
+      if callable(sparsity)
+      else float(sparsity)
+    )
+    for p in nm:
+      if round(final * p.m) < p.m - p.n:
+        raise ValueError(
+          f"{name}: the sparsity ends at {final:g}, below the level "
+          f"{1 - p.n / p.m:g} of {p!r}, whose leaves would keep more than "
+          f"{p.n} of every {p.m}; raise the sparsity or give those leaves "
+          "another pattern."
+        )
+  if isinstance(allocation, allocation_lib.GlobalThreshold) and not (
+    known is not None
+    and all(isinstance(p, patterns_lib.Unstructured) for p in known)
   ):
     raise ValueError(
       f"{name}: global_threshold() ranks single entries across layers, so it "
@@ -124,7 +151,7 @@ def _score_pruning(
   score_fn: Callable[[Params, Any], Any],
   sparsity: ScalarOrSchedule | None,
   *,
-  pattern: patterns_lib.Pattern,
+  pattern: masks_lib.PatternSpec,
   allocation: allocation_lib.Allocation,
   where: Selection,
   update_every: Step,
@@ -165,12 +192,14 @@ def _score_pruning(
     # Scores read the current params only: closing over `updates` would make
     # them an operand of the cond, which XLA must materialise on every step
     # (benchmarks/results/step_overhead.md measured 1.35x a dense step).
+    specs = masks_lib.leaf_specs(where, params, name, pattern)
+
     def refresh():
       return masks_lib.reselect(
         score_fn(params, state),
         state.masks,
         target,
-        pattern=pattern,
+        pattern=specs,
         allocation=allocation,
       )
 
@@ -190,7 +219,7 @@ def _score_pruning(
 def magnitude_pruning(
   sparsity: ScalarOrSchedule | None = None,
   *,
-  pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
+  pattern: masks_lib.PatternSpec = patterns_lib.Unstructured(),
   allocation: allocation_lib.Allocation = allocation_lib.Uniform(),
   where: Selection = None,
   update_every: Step = 100,
@@ -252,7 +281,7 @@ def magnitude_pruning(
 def global_magnitude_pruning(
   sparsity: ScalarOrSchedule,
   *,
-  pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
+  pattern: masks_lib.PatternSpec = patterns_lib.Unstructured(),
   where: Selection = None,
   update_every: Step = 100,
   begin_step: Step = 0,
@@ -358,7 +387,7 @@ def random_pruning(
   sparsity: ScalarOrSchedule | None = None,
   *,
   seed: int = 0,
-  pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
+  pattern: masks_lib.PatternSpec = patterns_lib.Unstructured(),
   allocation: allocation_lib.Allocation = allocation_lib.Uniform(),
   where: Selection = None,
   update_every: Step = 100,

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from jaxsparse import layout as layout_lib
 from jaxsparse import masking as masks_lib
 from jaxsparse import patterns as patterns_lib
 from jaxsparse import schedules
@@ -324,13 +325,14 @@ def group_prox(
   return w * factor, kept
 
 
-@functools.partial(jax.jit, static_argnames="pattern")
+@functools.partial(jax.jit, static_argnames=("pattern", "layout"))
 def _prox_step(
   params: Float[Array, "*shape"],
   updates: Float[Array, "*shape"],
   tau: Float[Array, ""],
   count: Int[Array, ""],
   pattern: patterns_lib.Block | patterns_lib.Channel,
+  layout: layout_lib.Layout,
 ) -> tuple[Float[Array, "*shape"], Bool[Array, "*shape"]]:
   """The update taking ``params`` to ``prox(params + updates)``, and the mask.
 
@@ -340,7 +342,9 @@ def _prox_step(
   """
   base = params.astype(jnp.float32)
   stepped = base + _rounded(updates, count).astype(jnp.float32)
-  shrunk, kept = group_prox(stepped, tau, pattern)
+  shrunk, kept = layout_lib.on_matrices(
+    lambda w: group_prox(w, tau, pattern), layout, stepped
+  )
   return (shrunk - base).astype(updates.dtype), kept
 
 
@@ -436,13 +440,16 @@ def group_lasso(
     flat_params, treedef = jax.tree.flatten(params)
     flat_updates = treedef.flatten_up_to(updates)
     flat_masks = masks_lib.treedef_leaves(params, state.masks)
+    specs = jax.tree.leaves(
+      masks_lib.leaf_specs(where, params, "group_lasso", pattern)
+    )
     new_updates, new_masks = [], []
-    for p, u, m in zip(flat_params, flat_updates, flat_masks):
+    for p, u, m, spec in zip(flat_params, flat_updates, flat_masks, specs):
       if m is None:
         new_updates.append(u)
         new_masks.append(None)
         continue
-      update, kept = _prox_step(p, u, tau, count, pattern)
+      update, kept = _prox_step(p, u, tau, count, pattern, spec.layout)
       new_updates.append(update)
       new_masks.append(kept)
     masks = jax.tree.unflatten(treedef, new_masks)

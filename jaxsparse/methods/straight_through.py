@@ -45,6 +45,7 @@ import optax
 from jaxtyping import Array, Bool, Float, Int, PyTree, UInt32
 
 from jaxsparse import allocation as allocation_lib
+from jaxsparse import layout as layout_lib
 from jaxsparse import masking as masks_lib
 from jaxsparse import patterns as patterns_lib
 from jaxsparse import schedules, threshold
@@ -106,10 +107,11 @@ def _is_none(x: Any) -> bool:
   return x is None
 
 
-# A rule maps (new dense weights, state) to (new masks, new sparse weights);
-# both trees hold None where a param is not selected. `None` sparse weights
-# mean hard masking, ``mask ⊙ W̃'``, which STE and SR-STE apply exactly.
-Rule = Callable[[PyTree, Any], tuple[MaskTree, PyTree | None]]
+# A rule maps (new dense weights, state, leaf specs) to (new masks, new sparse
+# weights); both trees hold None where a param is not selected. `None` sparse
+# weights mean hard masking, ``mask ⊙ W̃'``, which STE and SR-STE apply
+# exactly.
+Rule = Callable[[PyTree, Any, PyTree], tuple[MaskTree, PyTree | None]]
 
 
 def _opaque_zero(count: Int[Array, ""]) -> UInt32[Array, ""]:
@@ -132,7 +134,7 @@ def _rounded(x: Array, zero: UInt32[Array, ""]) -> Array:
 
 
 def _init_dense(
-  name: str, params: Params, where: Selection, pattern: patterns_lib.Pattern
+  name: str, params: Params, where: Selection, pattern: masks_lib.PatternSpec
 ) -> tuple[PyTree, MaskTree]:
   """The dense copy of the selected params and all-True masks."""
   chosen = masks_lib.resolve_where(where, params, name, pattern)
@@ -178,9 +180,9 @@ def _straight_through(
   name: str,
   *,
   where: Selection,
-  pattern: patterns_lib.Pattern,
+  pattern: masks_lib.PatternSpec,
   rule: Rule,
-  init_scale: Callable[[PyTree], PyTree] | None = None,
+  init_scale: Callable[[PyTree, PyTree], PyTree] | None = None,
   decay: float | None = None,
 ) -> StraightThrough:
   """Shared body: dense weights in the state, masks and targets by ``rule``."""
@@ -190,7 +192,8 @@ def _straight_through(
     count = jnp.zeros([], jnp.int32)
     if init_scale is None:
       return StraightThroughState(count, dense, masks)
-    return SSTEState(count, dense, masks, init_scale(dense))
+    specs = masks_lib.leaf_specs(where, params, name, pattern)
+    return SSTEState(count, dense, masks, init_scale(dense, specs))
 
   def update_fn(
     updates: Updates,
@@ -215,7 +218,8 @@ def _straight_through(
       is_leaf=_is_none,
     )
     dense = optax.apply_updates(state.dense, updates)
-    masks, targets = rule(dense, state)
+    specs = masks_lib.leaf_specs(where, params, name, pattern)
+    masks, targets = rule(dense, state, specs)
     if targets is None:
       updates = jax.tree.map(
         _hard_updates,
@@ -270,16 +274,14 @@ def _magnitudes(dense: PyTree) -> PyTree:
 
 
 def _hard_rule(
-  sparsity: ScalarOrSchedule,
-  pattern: patterns_lib.Pattern,
-  allocation: allocation_lib.Allocation,
+  sparsity: ScalarOrSchedule, allocation: allocation_lib.Allocation
 ) -> Rule:
   """Masks keep the largest ``|W̃'|``; sparse weights ``m ⊙ W̃'``."""
 
-  def rule(dense, state):
+  def rule(dense, state, specs):
     target = schedules.value_at(sparsity, state.count)
     masks = masks_lib.masks_from_scores(
-      _magnitudes(dense), target, pattern=pattern, allocation=allocation
+      _magnitudes(dense), target, pattern=specs, allocation=allocation
     )
     return masks, None
 
@@ -289,7 +291,7 @@ def _hard_rule(
 def ste(
   sparsity: ScalarOrSchedule | None = None,
   *,
-  pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
+  pattern: masks_lib.PatternSpec = patterns_lib.Unstructured(),
   allocation: allocation_lib.Allocation = allocation_lib.Uniform(),
   where: Selection = None,
 ) -> StraightThrough:
@@ -342,7 +344,7 @@ def ste(
     "ste",
     where=where,
     pattern=pattern,
-    rule=_hard_rule(sparsity, pattern, allocation),
+    rule=_hard_rule(sparsity, allocation),
   )
 
 
@@ -391,7 +393,7 @@ def sr_ste(
     "sr_ste",
     where=where,
     pattern=pattern,
-    rule=_hard_rule(sparsity, pattern, allocation),
+    rule=_hard_rule(sparsity, allocation),
     decay=float(decay),
   )
 
@@ -409,19 +411,19 @@ def _channel_rescale(d: Array, mask: Bool[Array, "..."]) -> Float[Array, "..."]:
   """ST-3's per-output-channel weight rescaling (the authors' code).
 
   ``s_c = 1.01 / (r_c + 0.01)`` with ``r_c = (mean_c(|W̃| ⊙ m) + 1e-6) /
-  (mean_c(|W̃|) + 1e-6)``, means over every axis but the last (Flax kernels
-  are ``[..., in, out]``).
+  (mean_c(|W̃|) + 1e-6)``, means over the inputs ``K`` of each column of a
+  matrix ``[K, N]`` (an output channel). Returns ``s`` broadcast to ``d``.
   """
   magnitude = jnp.abs(d.astype(jnp.float32))
-  axes = tuple(range(d.ndim - 1))
   # (mean(a) + ε) / (mean(b) + ε) as (sum(a) + nε) / (sum(b) + nε): no
   # multiply feeds an add, so XLA cannot fuse an FMA and jit equals eager.
-  eps = jnp.float32(1e-6 * math.prod(d.shape[:-1]))
+  eps = jnp.float32(1e-6 * d.shape[0])
   kept = jnp.where(mask, magnitude, jnp.float32(0))
-  ratio = (jnp.sum(kept, axis=axes, keepdims=True) + eps) / (
-    jnp.sum(magnitude, axis=axes, keepdims=True) + eps
+  ratio = (jnp.sum(kept, axis=0, keepdims=True) + eps) / (
+    jnp.sum(magnitude, axis=0, keepdims=True) + eps
   )
-  return jnp.float32(1.01) / (ratio + jnp.float32(0.01))
+  scale = jnp.float32(1.01) / (ratio + jnp.float32(0.01))
+  return jnp.broadcast_to(scale, d.shape)
 
 
 def st3(
@@ -429,7 +431,7 @@ def st3(
   *,
   sigma: bool = False,
   rescale: bool = True,
-  pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
+  pattern: masks_lib.PatternSpec = patterns_lib.Unstructured(),
   where: Selection = None,
 ) -> StraightThrough:
   """ST-3: straight-through gradients through a global soft threshold.
@@ -487,9 +489,10 @@ def st3(
     sparsity, pattern, allocation_lib.GlobalThreshold(), _PROBES, "st3"
   )
 
-  def rule(dense, state):
+  def rule(dense, state, specs):
     target = schedules.value_at(sparsity, state.count)
     leaves, treedef = jax.tree.flatten(dense, is_leaf=_is_none)
+    layouts = [s.layout if s else None for s in jax.tree.leaves(specs)]
     chosen = [i for i, d in enumerate(leaves) if d is not None]
     # 1 / σ_l: ST-3σ scores |W̃| / σ_l with σ_l = 1 / sqrt(sum of dims).
     # Opaque to XLA, so that τ / c stays a division under jit (as in eager)
@@ -497,7 +500,12 @@ def st3(
     zero = _opaque_zero(state.count)
     inv_sigma = [
       _rounded(
-        jnp.float32(math.sqrt(sum(leaves[i].shape)) if sigma else 1.0), zero
+        jnp.float32(
+          math.sqrt(sum(layouts[i].slice_shape(leaves[i].shape)))
+          if sigma
+          else 1.0
+        ),
+        zero,
       )
       for i in chosen
     ]
@@ -517,7 +525,9 @@ def st3(
     for i, c, m in zip(chosen, inv_sigma, kept):
       w = _soft_threshold(leaves[i], tau / c, m)
       if rescale:
-        w = w * _channel_rescale(leaves[i], m)
+        w = w * layout_lib.on_matrices(
+          _channel_rescale, layouts[i], leaves[i], m
+        )
       masks[i], targets[i] = m, w
     return (
       jax.tree.unflatten(treedef, masks),
@@ -525,6 +535,19 @@ def st3(
     )
 
   return _straight_through("st3", where=where, pattern=pattern, rule=rule)
+
+
+def _leaf_soft_threshold(
+  pattern: patterns_lib.NM, d: Array, layout: layout_lib.Layout
+) -> tuple[Bool[Array, "..."], Float[Array, "..."]]:
+  """:func:`_nm_soft_threshold` on each matrix of the leaf's layout."""
+  mask = layout_lib.on_matrices(
+    lambda m: _nm_soft_threshold(pattern, m)[0], layout, d
+  )
+  soft = layout_lib.on_matrices(
+    lambda m: _nm_soft_threshold(pattern, m)[1], layout, d
+  )
+  return mask, soft
 
 
 def _nm_soft_threshold(
@@ -560,13 +583,15 @@ def _nm_soft_threshold(
   return mask, _soft_threshold(d, t, mask)
 
 
-def _mse_scale(pattern: patterns_lib.NM, d: Array) -> Float[Array, ""]:
+def _mse_scale(
+  pattern: patterns_lib.NM, d: Array, layout: layout_lib.Layout
+) -> Float[Array, ""]:
   """``β = <W̃, S(W̃)> / <S(W̃), S(W̃)>`` (1 where ``S(W̃) == 0``).
 
   Summed on a replicated copy, so the scale is bitwise the same on any
   number of devices.
   """
-  _, soft = _nm_soft_threshold(pattern, d)
+  _, soft = _leaf_soft_threshold(pattern, d, layout)
   dense = d.astype(jnp.float32)
   sharding = patterns_lib.explicit_sharding(dense)
   if sharding is not None:
@@ -633,21 +658,25 @@ def s_ste(
     )
   patterns_lib.check_pattern(pattern)
 
-  def init_scale(dense):
+  def init_scale(dense, specs):
     return jax.tree.map(
-      lambda d: None if d is None else _mse_scale(pattern, d),
+      lambda d, spec: (
+        None if d is None else _mse_scale(pattern, d, spec.layout)
+      ),
       dense,
+      specs,
       is_leaf=_is_none,
     )
 
-  def rule(dense, state):
+  def rule(dense, state, specs):
     leaves, treedef = jax.tree.flatten(dense, is_leaf=_is_none)
     scales = jax.tree.leaves(state.scale, is_leaf=_is_none)
+    layouts = [s.layout if s else None for s in jax.tree.leaves(specs)]
     masks: list[Array | None] = [None] * len(leaves)
     targets: list[Array | None] = [None] * len(leaves)
     for i, (d, beta) in enumerate(zip(leaves, scales)):
       if d is not None:
-        masks[i], soft = _nm_soft_threshold(pattern, d)
+        masks[i], soft = _leaf_soft_threshold(pattern, d, layouts[i])
         targets[i] = beta * soft
     return (
       jax.tree.unflatten(treedef, masks),
