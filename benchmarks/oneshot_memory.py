@@ -76,13 +76,11 @@ def measure(config, segments: int, batch: int, gram: bool) -> dict:
     lambda t: model.init(jax.random.key(0), t)["params"], x_one
   )
   apply_fn = lambda p, x: model.apply({"params": p}, x)
-  layers = oneshot.dense_layers(
-    apply_fn, params, jnp.zeros(x_one.shape, x_one.dtype)
-  )
+  layers = oneshot.layers(apply_fn, params, jnp.zeros(x_one.shape, x_one.dtype))
   blocks: dict[str, list] = {}
   for layer in layers:
-    if layer.module_path[0].startswith("Block_"):
-      blocks.setdefault(layer.module_path[0], []).append(layer)
+    if layer.path.startswith("Block_"):
+      blocks.setdefault(oneshot.block_of(layer.path), []).append(layer)
   param_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params))
 
   streaming = 0

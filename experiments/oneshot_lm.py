@@ -189,7 +189,7 @@ def input_profile(
   """
   layers = [
     layer.path
-    for layer in oneshot.dense_layers(apply_fn, params, calibration[0])
+    for layer in oneshot.layers(apply_fn, params, calibration[0])
     if re.search(WHERE, layer.path)
   ]
   stats = oneshot.layer_statistics(apply_fn, params, calibration, layers)

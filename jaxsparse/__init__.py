@@ -20,6 +20,9 @@ from jaxsparse.allocation import erk as erk
 from jaxsparse.allocation import global_threshold as global_threshold
 from jaxsparse.allocation import layer_sparsities as layer_sparsities
 from jaxsparse.allocation import uniform as uniform
+from jaxsparse.layout import Kernels as Kernels
+from jaxsparse.layout import Layout as Layout
+from jaxsparse.layout import find_kernels as find_kernels
 from jaxsparse.masking import apply_masks as apply_masks
 from jaxsparse.masking import default_where as default_where
 from jaxsparse.masking import masks as masks
@@ -102,6 +105,8 @@ __all__ = [
   "GlobalThreshold",
   "GroupLassoState",
   "InitPruningState",
+  "Kernels",
+  "Layout",
   "LayerRecord",
   "LobsterState",
   "MagnitudePruningState",
@@ -122,6 +127,7 @@ __all__ = [
   "default_where",
   "er",
   "erk",
+  "find_kernels",
   "fixed_masks",
   "global_magnitude_pruning",
   "global_threshold",

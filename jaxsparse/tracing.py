@@ -111,13 +111,18 @@ class Origin(NamedTuple):
     axes: for each axis of the value, the leaf axes it spans, outer first
       (several when a reshape merged them; ``()`` for an inserted size-1
       axis).
-    indexed: leaf axes taken away by indexing, outermost first (a ``scan``
-      over a stack of layers; a squeezed size-1 axis).
+    indexed: leaf axes a ``scan`` runs over (each iteration sees one slice:
+      a stack of layers), outermost first.
+    dropped: size-1 leaf axes squeezed away.
+    scans: an id of each scan in ``indexed`` (kernels sliced by the same
+      scan belong to the same layers).
   """
 
   leaf: int
   axes: tuple[tuple[int, ...], ...]
   indexed: tuple[int, ...] = ()
+  dropped: tuple[int, ...] = ()
+  scans: tuple[int, ...] = ()
 
 
 class Use(NamedTuple):
@@ -131,6 +136,9 @@ class Use(NamedTuple):
       ``dot_general`` batch axes), ascending.
     primitive: the consuming primitive's name.
     groups: ``feature_group_count`` of a grouped convolution (1 otherwise).
+    scanned: the stack axes a ``scan`` runs over (a subset of ``stack``),
+      outermost first.
+    scans: an id of the scan running over each ``scanned`` axis.
   """
 
   kind: str
@@ -138,6 +146,8 @@ class Use(NamedTuple):
   stack: tuple[int, ...] = ()
   primitive: str = ""
   groups: int = 1
+  scanned: tuple[int, ...] = ()
+  scans: tuple[int, ...] = ()
 
 
 def origin_of_leaf(leaf: int, ndim: int) -> Origin:
@@ -179,7 +189,8 @@ def reshape_origin(
     return None
   if rest:  # trailing size-1 leaf axes join the last axis
     if not axes:
-      return origin._replace(axes=(), indexed=origin.indexed + _flat([rest]))
+      dropped = tuple(a for a, _ in rest)
+      return origin._replace(axes=(), dropped=origin.dropped + dropped)
     axes[-1] = axes[-1] + tuple(a for a, _ in rest)
   del old
   return origin._replace(axes=tuple(axes))
@@ -190,7 +201,7 @@ def squeeze_origin(origin: Origin, dimensions: Sequence[int]) -> Origin:
   dropped = _flat([origin.axes[d] for d in sorted(gone)])
   return origin._replace(
     axes=tuple(a for d, a in enumerate(origin.axes) if d not in gone),
-    indexed=origin.indexed + dropped,
+    dropped=origin.dropped + dropped,
   )
 
 
@@ -211,10 +222,12 @@ def broadcast_origin(
   return origin._replace(axes=tuple(axes))
 
 
-def scanned_origin(origin: Origin) -> Origin:
-  """The origin of one ``xs`` slice inside a scan body."""
+def scanned_origin(origin: Origin, scan: int = 0) -> Origin:
+  """The origin of one ``xs`` slice inside the body of scan ``scan``."""
   return origin._replace(
-    axes=origin.axes[1:], indexed=origin.indexed + origin.axes[0]
+    axes=origin.axes[1:],
+    indexed=origin.indexed + origin.axes[0],
+    scans=origin.scans + (scan,) * len(origin.axes[0]),
   )
 
 
@@ -222,10 +235,21 @@ def _is_scalar(var: Any) -> bool:
   return len(getattr(var.aval, "shape", (None,))) == 0
 
 
+def _stack(origin: Origin, batch: Sequence[int] = ()) -> tuple[int, ...]:
+  extra = _flat([origin.axes[d] for d in batch])
+  return tuple(sorted(origin.indexed + origin.dropped + extra))
+
+
 def _dot_use(origin: Origin, contract: Sequence[int], batch: Sequence[int]):
   contract_axes = tuple(sorted(_flat([origin.axes[d] for d in contract])))
-  stack = tuple(sorted(origin.indexed + _flat([origin.axes[d] for d in batch])))
-  return Use("dot", contract_axes, stack, "dot_general")
+  return Use(
+    "dot",
+    contract_axes,
+    _stack(origin, batch),
+    "dot_general",
+    scanned=origin.indexed,
+    scans=origin.scans,
+  )
 
 
 def dot_operands(eqn: Any) -> list[tuple[int, tuple, tuple]]:
@@ -311,9 +335,8 @@ def propagate(
       groups = eqn.params["feature_group_count"] * max(
         1, eqn.params.get("batch_group_count", 1)
       )
-      uses.append(
-        (o.leaf, Use("conv", contract, tuple(sorted(o.indexed)), name, groups))
-      )
+      use = Use("conv", contract, _stack(o), name, groups, o.indexed, o.scans)
+      uses.append((o.leaf, use))
     return none, uses
   if name == "gather":
     uses = []
@@ -381,7 +404,7 @@ def walk_eqn(eqn, origins, leaf_shapes, uses, record) -> list[Origin | None]:
         record(o.leaf, Use("other", primitive="scan carry"))
       inner_origins.append(None)
     for o in origins[nc + ncarry :]:
-      inner_origins.append(None if o is None else scanned_origin(o))
+      inner_origins.append(None if o is None else scanned_origin(o, id(eqn)))
     _returned(walk(body, inner_origins, leaf_shapes, uses), record, "scan")
     return [None] * len(eqn.outvars)
   if name == "while":
@@ -515,13 +538,10 @@ def leaf_view(value: jax.Array, origin: Origin) -> jax.Array:
   ``value`` is the leaf with the ``origin.indexed`` axes already taken away
   (a scan slice). Transposes and reshapes it into the value's layout.
   """
-  remaining = [
-    a
-    for a in range(value.ndim + len(origin.indexed))
-    if a not in origin.indexed
-  ]
+  gone = origin.indexed
+  remaining = [a for a in range(value.ndim + len(gone)) if a not in gone]
   position = {a: i for i, a in enumerate(remaining)}
-  order = [position[a] for a in _flat(origin.axes)]
+  order = [position[a] for a in (*_flat(origin.axes), *origin.dropped)]
   moved = value.transpose(order) if order else value
   shape = [
     math.prod(value.shape[position[a]] for a in group) for group in origin.axes
@@ -696,7 +716,8 @@ class Interpreter:
     )
     carry = self._materialized(carry)
     x_origins = [
-      None if o is None else scanned_origin(o) for o in origins[nc + ncarry :]
+      None if o is None else scanned_origin(o, id(eqn))
+      for o in origins[nc + ncarry :]
     ]
     xs = [
       self.hooks.materialize(x) if o is None else x

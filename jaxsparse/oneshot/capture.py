@@ -1,31 +1,34 @@
-"""Calibration capture: streaming statistics of the inputs of Dense layers.
+"""Calibration capture: streaming statistics of the inputs of every kernel.
 
-The inputs of every ``flax.linen`` ``nn.Dense`` / ``nn.DenseGeneral`` call
-are seen with :func:`flax.linen.intercept_methods` while ``apply_fn(params,
-x)`` runs under ``jax.jit``; each layer is named by the path of its kernel in
-the params tree (``Block_0/Dense_0/kernel``), and only float32 sums are
-returned (:class:`~jaxsparse.oneshot.base.LayerStatistics`), one jitted call
-per calibration batch, added across batches: no activation is kept.
+The model ``apply_fn(params, x)`` is traced to a jaxpr and evaluated by a
+:class:`jaxsparse.tracing.Interpreter`: wherever a params leaf (or a
+transposed, reshaped, cast view of it) enters a ``dot_general`` or a
+``conv_general_dilated``, the *other* operand is that layer's input. No
+module class is looked at, so linen, nnx, Hugging Face Flax, ``Einsum``,
+scanned and rematerialised layers and hand-written ``jnp`` are captured
+alike. Each layer is named by its kernel's params path, and only float32
+sums are returned (:class:`~jaxsparse.oneshot.base.LayerStatistics`): one
+jitted call per calibration batch, added across batches, no activation
+kept.
 
-With ``X: [tokens, in]`` the inputs of one layer over the calibration set
-(all leading axes flattened into tokens; for ``DenseGeneral`` the contracting
-``axis`` flattened into ``in`` in the kernel's order)::
+With ``X: [tokens, K]`` the inputs of one kernel matrix over the calibration
+set (its :class:`~jaxsparse.layout.Layout`: the contracted axes flattened
+into ``K`` in the kernel's axis order, every other input axis a token; for a
+convolution, the input patches)::
 
   count = tokens,  sum = Σ_t X[t],  sq_sum = Σ_t X[t]²,  gram = XᵀX.
 
-A layer called several times per forward pass (shared weights) accumulates
-all its calls. Calibration batches may be sharded over a data axis
+A kernel used several times per forward pass (shared weights) accumulates
+all its uses. A stacked kernel (a scanned stack, an ``Einsum`` with a batch
+axis) gets statistics per matrix: every field has the stack axes first, in
+the kernel's axis order. Calibration batches may be sharded over a data axis
 (``NamedSharding(mesh, P("data"))``): the sums are reductions over that axis,
 which XLA all-reduces, so every device gets the same statistics.
 
-Supported: ``flax.linen`` models, ``nn.Dense`` and ``nn.DenseGeneral`` (any
-contracting ``axis``) called directly or from submodules, shared layers.
-Not supported, each a ``ValueError`` that says so: ``DenseGeneral`` with
-``batch_dims``, and Dense layers inside lifted transforms that trace their
-body apart (``nn.remat``, ``nn.scan``, ``nn.vmap``): calibrate with the same
-params in a model built without them. ``flax.nnx`` models are not captured
-here (linen only); their layers can still be pruned by calling a method's
-``prune_layer`` with statistics gathered by hand.
+Not supported, each a ``ValueError`` naming the kernel: grouped
+convolutions (``feature_group_count > 1``), a kernel multiplied by another
+parameter, and kernels consumed inside ``shard_map`` or a custom kernel
+(``pallas_call``).
 """
 
 from collections.abc import Callable, Iterable, Sequence
@@ -36,8 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxsparse.masking import leaf_paths
+from jaxsparse import layout as layout_lib
+from jaxsparse import tracing
 from jaxsparse.oneshot.base import LayerStatistics
+from jaxsparse.paths import leaf_paths
 from jaxsparse.patterns import explicit_sharding
 from jaxsparse.types import Params
 
@@ -46,85 +51,91 @@ ApplyFn = Callable[[Params, Any], Any]
 x)``."""
 
 
-class DenseLayer(NamedTuple):
-  """A Dense layer found in the forward pass.
+class Layer(NamedTuple):
+  """A kernel the forward pass multiplies by.
 
   Attributes:
-    path: the params path of its kernel (``Block_0/Dense_0/kernel``).
-    module_path: the linen module path (``("Block_0", "Dense_0")``).
-    in_axes: how many leading kernel axes are contracted (1 for ``Dense``).
-    shape: the kernel flattened to ``[in, out]``.
-    calls: how many times one forward pass calls it.
+    path: the kernel's params path (``Block_0/Dense_0/kernel``).
+    layout: its :class:`~jaxsparse.layout.Layout`.
+    shape: one matrix ``(K, N)``.
+    matrices: the number of stacked matrices (1 for a plain kernel).
+    scanned: the stack axes a ``scan`` runs over (sequential layers),
+      outermost first.
+    scans: an id of the scan over each ``scanned`` axis (kernels of the
+      same scan hold the same layers).
+    calls: how many places of the computation consume it (a use inside a
+      scan counts once).
   """
 
   path: str
-  module_path: tuple[str, ...]
-  in_axes: int
+  layout: layout_lib.Layout
   shape: tuple[int, int]
+  matrices: int
+  scanned: tuple[int, ...]
+  scans: tuple[int, ...]
   calls: int
 
 
-def _linen() -> Any:
-  """``flax.linen``, imported on use (flax is an optional dependency)."""
-  try:
-    import flax.linen  # noqa: PLC0415
-  except ImportError as e:  # pragma: no cover
-    raise ImportError(
-      "jaxsparse.oneshot captures flax.linen models; install flax "
-      "(`pip install jaxsparse[flax]`)."
-    ) from e
-  return flax.linen
+def layers(apply_fn: ApplyFn, params: Params, batch: Any) -> list[Layer]:
+  """The kernels ``apply_fn`` multiplies by, in the order of first use.
 
-
-def _contracting_axes(module: Any, ndim: int) -> tuple[int, ...]:
-  """The input axes a Dense layer contracts, in the kernel's order."""
-  if isinstance(module, _linen().Dense):
-    return (ndim - 1,)
-  if module.batch_dims not in ((), None):
-    raise ValueError(
-      f"oneshot: {'/'.join(module.path)} is a DenseGeneral with batch_dims="
-      f"{module.batch_dims}, which one-shot pruning does not support; "
-      "exclude its kernel with `where=`."
-    )
-  axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
-  return tuple(int(a) % ndim for a in axis)
-
-
-def flatten_inputs(module: Any, x: jax.Array) -> jax.Array:
-  """The inputs of a Dense call as ``[..., in]`` float32 (leading = tokens).
-
-  Only the contracting axes are moved and merged (the leading, possibly
-  sharded, batch axes are never reshaped).
+  Traces ``apply_fn`` abstractly (no computation), see
+  :func:`jaxsparse.find_kernels`.
   """
-  x = jnp.asarray(x)
-  axes = _contracting_axes(module, x.ndim)
-  if axes != tuple(range(x.ndim - len(axes), x.ndim)):
-    x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
-  lead = x.shape[: x.ndim - len(axes)]
-  return x.reshape(*lead, -1).astype(jnp.float32)
+  traced = tracing.trace(apply_fn, params, batch)
+  uses = tracing.param_uses(traced)
+  paths = leaf_paths(params)
+  found = []
+  for leaf, leaf_uses in uses.items():  # in first-use order
+    record = layout_lib.classify(
+      paths[leaf], traced.leaf_shapes[leaf], leaf_uses
+    )
+    if record.role != "kernel":
+      continue
+    lay, shape = record.layout, record.shape
+    products = [u for u in leaf_uses if u.kind in ("dot", "conv")]
+    found.append(
+      Layer(
+        record.path,
+        lay,
+        lay.matrix_shape(shape),
+        lay.num_matrices(shape),
+        products[0].scanned,
+        products[0].scans,
+        len(products),
+      )
+    )
+  return found
 
 
-def statistics_of(rows: jax.Array, gram: bool) -> LayerStatistics:
-  """The sums of one call's inputs ``rows: [..., in]`` (float32)."""
-  lead = tuple(range(rows.ndim - 1))
+def statistics_of(rows: jax.Array, lead: int, gram: bool) -> LayerStatistics:
+  """The sums of one use's inputs ``rows: [*stack, *tokens, K]`` (float32),
+  with ``lead`` stack axes."""
+  rows = rows.astype(jnp.float32)
+  tokens = tuple(range(lead, rows.ndim - 1))
+  count = np.prod([rows.shape[a] for a in tokens], dtype=np.int64)
   return LayerStatistics(
-    count=jnp.float32(np.prod(rows.shape[:-1], dtype=np.int64)),
-    sum=jnp.sum(rows, axis=lead),
-    sq_sum=jnp.sum(rows * rows, axis=lead),
-    gram=_gram(rows) if gram else None,
+    count=jnp.full(rows.shape[:lead], count, jnp.float32),
+    sum=jnp.sum(rows, axis=tokens),
+    sq_sum=jnp.sum(rows * rows, axis=tokens),
+    gram=_gram(rows, lead) if gram else None,
   )
 
 
-def _gram(rows: jax.Array) -> jax.Array:
-  """``XᵀX`` over the leading axes, replicated under Explicit mesh axes."""
+def _gram(rows: jax.Array, lead: int) -> jax.Array:
+  """``XᵀX`` over the token axes, replicated under Explicit mesh axes."""
   sharding = explicit_sharding(rows)
   out = (
     {}
     if sharding is None
     else {"out_sharding": NamedSharding(sharding.mesh, PartitionSpec())}
   )
+  letters = "abcdefghijklmnopqrstuvw"
+  stack = letters[:lead]
+  tokens = letters[lead : rows.ndim - 1]
+  spec = f"{stack}{tokens}y,{stack}{tokens}z->{stack}yz"
   return jnp.einsum(
-    "...i,...j->ij", rows, rows, precision=jax.lax.Precision.HIGHEST, **out
+    spec, rows, rows, precision=jax.lax.Precision.HIGHEST, **out
   )
 
 
@@ -133,68 +144,133 @@ def add_statistics(a: LayerStatistics, b: LayerStatistics) -> LayerStatistics:
   return jax.tree.map(jnp.add, a, b)
 
 
-def _is_dense_call(context: Any) -> bool:
-  nn = _linen()
-  return context.method_name == "__call__" and isinstance(
-    context.module, (nn.Dense, nn.DenseGeneral)
+class _Unsupported(ValueError):
+  pass
+
+
+def _dot_rows(eqn, values, origin, kernel_index, leaf_shape):
+  """The layer inputs of a ``dot_general`` as ``([*batch, *tokens, K],
+  batch leaf axes)``."""
+  operands = tracing.dot_operands(eqn)
+  _, k_contract, k_batch = operands[kernel_index]
+  _, x_contract, x_batch = operands[1 - kernel_index]
+  x = values[1 - kernel_index]
+  if any(len(origin.axes[d]) != 1 for d in k_batch):
+    raise _Unsupported("a dot_general whose batch axis spans several axes")
+  batch_axes = [origin.axes[d][0] for d in k_batch]
+  order = sorted(range(len(x_batch)), key=lambda j: batch_axes[j])
+  rest = [d for d in range(x.ndim) if d not in x_batch]
+  x = jnp.moveaxis(x, [x_batch[j] for j in order], list(range(len(order))))
+  contract = [len(order) + rest.index(d) for d in x_contract]
+  rows, axes = tracing.split_to_leaf_axes(
+    x, contract, origin, k_contract, leaf_shape
   )
+  k = int(np.prod([leaf_shape[a] for a in axes]))
+  lead = rows.shape[: rows.ndim - len(axes)]
+  return rows.reshape(*lead, k), tuple(sorted(batch_axes))
 
 
-def _kernel_paths(params: Params) -> set[str]:
-  return {p for p in leaf_paths(params) if p.split("/")[-1] == "kernel"}
-
-
-def _param_path(module_path: tuple[str, ...], kernels: set[str]) -> str | None:
-  """The params path of the kernel of the module at ``module_path``.
-
-  Exact match first; else a unique kernel whose path ends with it (params
-  given as ``{"params": ...}`` variables).
-  """
-  name = "/".join((*module_path, "kernel"))
-  if name in kernels:
-    return name
-  found = [k for k in kernels if k.endswith("/" + name)]
-  return found[0] if len(found) == 1 else None
-
-
-def dense_layers(
-  apply_fn: ApplyFn, params: Params, batch: Any
-) -> list[DenseLayer]:
-  """The Dense layers ``apply_fn`` calls, in the order of their first call.
-
-  Runs ``apply_fn`` under :func:`jax.eval_shape` (no computation). Layers
-  whose kernel is not a leaf of ``params`` are skipped.
-  """
-  kernels = _kernel_paths(params)
-  shapes = dict(
-    zip(leaf_paths(params), (jnp.shape(p) for p in jax.tree.leaves(params)))
+def _conv_rows(eqn, values, origin, leaf_shape):
+  """The input patches of a convolution as ``[*tokens, K]``."""
+  p = eqn.params
+  if p["feature_group_count"] != 1 or p.get("batch_group_count", 1) != 1:
+    raise _Unsupported("a grouped convolution (feature_group_count > 1)")
+  dims = p["dimension_numbers"]
+  out_dim, in_dim, spatial = tracing.conv_kernel_dims(eqn)
+  del out_dim
+  window = [eqn.invars[1].aval.shape[d] for d in spatial]
+  patches = jax.lax.conv_general_dilated_patches(
+    values[0],
+    filter_shape=window,
+    window_strides=p["window_strides"],
+    padding=p["padding"],
+    lhs_dilation=p["lhs_dilation"],
+    rhs_dilation=p["rhs_dilation"],
+    dimension_numbers=dims,
+    precision=jax.lax.Precision.HIGHEST,
   )
-  found: dict[str, list] = {}
+  feature = dims.out_spec[1]
+  moved = jnp.moveaxis(patches, feature, -1)
+  c_in = eqn.invars[1].aval.shape[in_dim]
+  split = moved.reshape(*moved.shape[:-1], c_in, *window)
+  lead = split.ndim - 1 - len(window)
+  kernel_dims = (in_dim, *spatial)
+  rows, axes = tracing.split_to_leaf_axes(
+    split,
+    list(range(lead, split.ndim)),
+    origin,
+    kernel_dims,
+    leaf_shape,
+  )
+  k = int(np.prod([leaf_shape[a] for a in axes]))
+  return rows.reshape(*rows.shape[:lead], k)
 
-  def interceptor(next_fun, args, kwargs, context):
-    if _is_dense_call(context):
-      module = context.module
-      path = _param_path(tuple(module.path), kernels)
-      if path is not None:
-        x = args[0] if args else kwargs["inputs"]
-        k = len(_contracting_axes(module, jnp.ndim(x)))
-        if path in found:
-          found[path][-1] += 1
+
+class StatisticsHooks(tracing.Hooks):
+  """Interpreter hooks that emit each wanted kernel's input statistics."""
+
+  def __init__(self, wanted: dict[int, str], leaf_shapes, gram: bool):
+    self.wanted = wanted
+    self.leaf_shapes = leaf_shapes
+    self.gram = gram
+
+  def consume(self, eqn, values, origins, uses, collect):
+    for index, origin in enumerate(origins):
+      if origin is None or origin.leaf not in self.wanted:
+        continue
+      if sum(o is not None for o in origins) > 1 and (
+        eqn.primitive.name == "dot_general"
+      ):
+        continue  # a product of two params: not a layer (see find_kernels)
+      path = self.wanted[origin.leaf]
+      shape = self.leaf_shapes[origin.leaf]
+      try:
+        if eqn.primitive.name == "dot_general":
+          rows, batch = _dot_rows(eqn, values, origin, index, shape)
+        elif index == 1:
+          rows, batch = _conv_rows(eqn, values, origin, shape), ()
         else:
-          shape = shapes[path]
-          flat = (
-            int(np.prod(shape[:k], dtype=np.int64)),
-            int(np.prod(shape[k:], dtype=np.int64)),
-          )
-          found[path] = [tuple(module.path), k, flat, 1]
-    return next_fun(*args, **kwargs)
+          continue
+      except _Unsupported as e:
+        raise ValueError(
+          f"oneshot: {path} is consumed by {e}, which one-shot capture does "
+          "not support; exclude it with `where=`."
+        ) from None
+      stats = statistics_of(rows, len(batch), self.gram)
+      key = tracing.Key(origin.leaf, origin.indexed, batch)
+      tracing.add_collected(collect, {key: stats})
+    return None
 
-  def run(p, x):
-    with _linen().intercept_methods(interceptor):
-      return apply_fn(p, x)
 
-  jax.eval_shape(run, params, batch)
-  return [DenseLayer(path, *info) for path, info in found.items()]
+def _arranged(
+  stats: LayerStatistics, axes: tuple[int, ...], stack: tuple[int, ...]
+) -> LayerStatistics:
+  """Statistics whose leading dims are the leaf axes ``axes`` rearranged to
+  the layout's ``stack`` (squeezed size-1 stack axes put back)."""
+  squeezed = [a for a in stack if a not in axes]
+  lead = len(axes)
+  order = [*axes, *squeezed]
+  perm = [order.index(a) for a in stack]
+
+  def one(x):
+    x = x.reshape(*x.shape[:lead], *(1,) * len(squeezed), *x.shape[lead:])
+    return x.transpose(*perm, *range(len(perm), x.ndim))
+
+  return jax.tree.map(one, stats)
+
+
+def _per_leaf(
+  collected: tracing.Collected, layouts: dict[int, layout_lib.Layout]
+) -> dict[int, LayerStatistics]:
+  """Collected statistics by leaf, stack axes in ascending leaf order."""
+  out: dict[int, LayerStatistics] = {}
+  for key, stats in collected.items():
+    axes = (*key.indexed, *key.tag)
+    stats = _arranged(stats, axes, layouts[key.leaf].stack)
+    out[key.leaf] = (
+      stats if key.leaf not in out else add_statistics(out[key.leaf], stats)
+    )
+  return out
 
 
 def statistics_fn(
@@ -203,34 +279,47 @@ def statistics_fn(
   """A jitted ``(params, batch) -> {path: LayerStatistics}`` for one batch.
 
   Args:
-    apply_fn: ``apply_fn(params, x)`` of a linen model.
-    params: the params (only their paths are read).
+    apply_fn: ``apply_fn(params, x)``.
+    params: the params (only their paths and shapes are read).
     paths: the kernel paths to gather statistics for.
-    gram: whether to accumulate ``XᵀX`` (``[in, in]`` per layer).
+    gram: whether to accumulate ``XᵀX`` (``[K, K]`` per matrix).
 
   Returns:
-    The function; a path never called in a batch is absent from its dict.
+    The function; a path never consumed in a batch is absent from its dict.
   """
-  kernels = _kernel_paths(params)
-  wanted = frozenset(paths)
+  all_paths = leaf_paths(params)
+  index = {p: i for i, p in enumerate(all_paths)}
+  wanted = {index[p]: p for p in paths if p in index}
 
-  def step(p, x):
-    acc: dict[str, LayerStatistics] = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-      if _is_dense_call(context):
-        path = _param_path(tuple(context.module.path), kernels)
-        if path in wanted:
-          inputs = args[0] if args else kwargs["inputs"]
-          stats = statistics_of(flatten_inputs(context.module, inputs), gram)
-          acc[path] = (
-            stats if path not in acc else add_statistics(acc[path], stats)
-          )
-      return next_fun(*args, **kwargs)
-
-    with _linen().intercept_methods(interceptor):
-      apply_fn(p, x)
-    return acc
+  def step(params, batch):
+    traced = tracing.trace(apply_fn, params, batch)
+    uses = tracing.param_uses(traced)
+    layouts = {}
+    for leaf in wanted:
+      record = layout_lib.classify(
+        all_paths[leaf], traced.leaf_shapes[leaf], uses.get(leaf, ())
+      )
+      if record.layout is not None:
+        layouts[leaf] = record.layout
+    hooks = StatisticsHooks(
+      {i: p for i, p in wanted.items() if i in layouts},
+      traced.leaf_shapes,
+      gram,
+    )
+    interpreter = tracing.Interpreter(traced.leaf_shapes, hooks)
+    leaves = jax.tree.leaves(params)
+    args = [*leaves, *jax.tree.leaves((batch,))]
+    origins = [
+      tracing.origin_of_leaf(i, len(s))
+      for i, s in enumerate(traced.leaf_shapes)
+    ]
+    origins += [None] * (len(args) - len(leaves))
+    collected: tracing.Collected = {}
+    interpreter.run(
+      traced.jaxpr.jaxpr, traced.jaxpr.consts, args, origins, collected
+    )
+    per_leaf = _per_leaf(collected, layouts)
+    return {wanted[i]: s for i, s in per_leaf.items()}
 
   return jax.jit(step)
 
@@ -243,21 +332,24 @@ def layer_statistics(
   *,
   gram: bool = False,
 ) -> dict[str, LayerStatistics]:
-  """Statistics of the inputs of the given Dense kernels over calibration data.
+  """Statistics of the inputs of the given kernels over calibration data.
 
   Args:
-    apply_fn: ``apply_fn(params, x)`` of a linen model.
+    apply_fn: ``apply_fn(params, x)`` of any JAX model (linen, nnx via
+      ``nnx.merge``, Hugging Face Flax, ...).
     params: the params the forward pass runs with.
-    calibration: an iterable of input batches (each is passed as ``x``).
+    calibration: an iterable of input batches (each is passed as ``x``; a
+      pytree such as a dict of arrays is fine).
     paths: kernel paths (``Block_0/Dense_0/kernel``) to gather for.
     gram: whether to accumulate ``XᵀX`` too.
 
   Returns:
-    ``{path: LayerStatistics}``, float32 sums over every batch and call.
+    ``{path: LayerStatistics}``, float32 sums over every batch and use; a
+    stacked kernel's fields have its stack axes first.
 
   Raises:
-    ValueError: ``calibration`` is empty, or a path is never called by
-      ``apply_fn`` as the kernel of an ``nn.Dense``/``nn.DenseGeneral``.
+    ValueError: ``calibration`` is empty, a batch holds a non-finite value,
+      or a path is never consumed by ``apply_fn`` as a kernel.
 
   Examples:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -272,21 +364,19 @@ def layer_statistics(
     (Array(8., dtype=float32), Array([20., 20.], dtype=float32))
   """
   paths = list(paths)
+  known = set(leaf_paths(params))
+  unknown = [p for p in paths if p not in known]
+  if unknown:
+    raise ValueError(
+      f"oneshot: {unknown} are not params paths; the params are "
+      f"{sorted(known)[:10]}..."
+    )
   step = statistics_fn(apply_fn, params, paths, gram=gram)
   total: dict[str, LayerStatistics] = {}
   seen = False
   for batch in calibration:
     seen = True
-    try:
-      batch_stats = step(params, batch)
-    except jax.errors.UnexpectedTracerError as e:
-      raise ValueError(
-        "oneshot: a Dense layer runs inside a lifted transform that traces "
-        "its body apart (nn.remat, nn.scan, nn.vmap, nn.jit), so its inputs "
-        "cannot be captured; for calibration, apply the same params with a "
-        "model built without that transform."
-      ) from e
-    for path, stats in batch_stats.items():
+    for path, stats in step(params, batch).items():
       total[path] = (
         stats if path not in total else add_statistics(total[path], stats)
       )
@@ -298,7 +388,18 @@ def layer_statistics(
   missing = [p for p in paths if p not in total]
   if missing:
     raise ValueError(
-      f"oneshot: {missing} are never called as the kernel of an nn.Dense or "
-      "nn.DenseGeneral by apply_fn; exclude them with `where=`."
+      f"oneshot: {missing} are never consumed by apply_fn as the kernel of "
+      "a matmul or convolution (see js.find_kernels); exclude them with "
+      "`where=`."
     )
   return {p: total[p] for p in paths}
+
+
+def stack_index(
+  stats: LayerStatistics, index: Sequence[int]
+) -> LayerStatistics:
+  """The statistics of one matrix of a stacked kernel."""
+  index = tuple(index)
+  if not index:
+    return stats
+  return jax.tree.map(lambda x: None if x is None else x[index], stats)

@@ -1,10 +1,19 @@
 """The one-shot (post-training) pruning driver.
 
-:func:`prune` prunes the Dense kernels of a trained linen model group by
-group (a group is a top-level module such as ``Block_0``), as SparseGPT and
-Wanda do for transformer blocks: the calibration statistics of group ``g``
-are gathered with every earlier group already pruned, so block ``i`` is
-pruned for the inputs the pruned blocks ``< i`` give it.
+:func:`prune` prunes the kernels of a trained model block by block, as
+SparseGPT and Wanda do for transformer blocks: the calibration statistics of
+block ``g`` are gathered with every earlier block already pruned, so block
+``i`` is pruned for the inputs the pruned blocks ``< i`` give it. The model
+is any JAX function of its params (linen, nnx, Hugging Face Flax, ...): its
+kernels and their inputs are found in its traced computation
+(:func:`jaxsparse.find_kernels`, :mod:`jaxsparse.oneshot.capture`). Each
+matrix of a kernel's :class:`~jaxsparse.layout.Layout` is pruned as one
+layer ``W: [K, N]``.
+
+Blocks are found from the params paths (:func:`block_of`): the path up to
+its first numbered segment (``Block_0``, ``decoder/layers_3``,
+``transformer/h/0``, ``model/layers/11``), and, for a scanned stack of
+layers, one block per scan iteration (``layers[3]``).
 
 References:
   Frantar and Alistarh, `SparseGPT: Massive Language Models Can Be Accurately
@@ -14,6 +23,8 @@ References:
   Models <https://arxiv.org/abs/2306.11695>`_, 2024.
 """
 
+import numbers
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -22,32 +33,33 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 
-from jaxsparse import patterns as patterns_lib
+from jaxsparse import layout as layout_lib
+from jaxsparse import masking
 from jaxsparse.allocation import Uniform
-from jaxsparse.masking import default_where, leaf_paths, resolve_where
 from jaxsparse.oneshot import capture, rules
 from jaxsparse.oneshot.base import LayerStatistics, OneShotMethod
 from jaxsparse.oneshot.owl import OWL, outlier_ratio, owl_sparsities
+from jaxsparse.paths import leaf_paths
 from jaxsparse.patterns import NM, Pattern, Unstructured
 from jaxsparse.types import MaskTree, Params, Selection
 
 
 class LayerResult(NamedTuple):
-  """What :func:`prune` did to one kernel.
+  """What :func:`prune` did to one kernel matrix.
 
   Attributes:
-    group: the group the kernel was pruned with (``"Block_0"``).
-    target: the sparsity asked of this layer (after allocation).
+    group: the block the matrix was pruned with (``"Block_0"``).
+    target: the sparsity asked of this matrix (after allocation).
     sparsity: the fraction of zeros in its mask.
     error: ``‖XW - XW'‖²_F / ‖XW‖²_F`` on the calibration inputs it was pruned
-      from (``= tr(ΔᵀGΔ) / tr(WᵀGW)``, ``G = XᵀX``), or ``None`` when the
-      method gathers no gram.
+      from (``= tr(ΔᵀGΔ) / tr(WᵀGW)``, ``G = XᵀX``); ``nan`` when the
+      layer's output is zero on the calibration data.
   """
 
   group: str
   target: float
   sparsity: float
-  error: float | None
+  error: float
 
 
 class OneShotResult(NamedTuple):
@@ -58,7 +70,8 @@ class OneShotResult(NamedTuple):
       mask is ``False``.
     masks: params-shaped mask tree: a bool array of the kernel's shape for
       each pruned kernel, ``None`` elsewhere (as ``js.masks`` returns).
-    layers: ``{kernel path: LayerResult}`` in pruning order.
+    layers: ``{kernel path: LayerResult}`` in pruning order; the matrices
+      of a stacked kernel are ``path[i]`` (``i`` its flat matrix index).
   """
 
   params: Params
@@ -66,38 +79,47 @@ class OneShotResult(NamedTuple):
   layers: dict[str, LayerResult]
 
 
-def _check_sparsity(sparsity: float | None, pattern: Pattern) -> float:
-  if isinstance(pattern, NM):
-    level = 1 - pattern.n / pattern.m
-    if sparsity is not None and not np.isclose(sparsity, level):
-      raise ValueError(
-        f"oneshot.prune: sparsity={sparsity} conflicts with {pattern!r} "
-        f"(whose sparsity is {level}); pass sparsity=None."
-      )
-    return level
+def _check_sparsity(sparsity: Any, patterns: list[Pattern]) -> float | None:
+  nm = [p for p in patterns if isinstance(p, NM)]
   if sparsity is None:
-    raise ValueError(
-      "oneshot.prune: pass sparsity= (a fraction of zeros in [0, 1)) or an "
-      "N:M pattern=js.NM(n, m)."
-    )
-  if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
+    if len(nm) != len(patterns):
+      raise ValueError(
+        "oneshot.prune: pass sparsity= (a fraction of zeros in [0, 1)) or an "
+        "N:M pattern=js.NM(n, m)."
+      )
+    return None
+  if isinstance(sparsity, (np.ndarray, jax.Array)) and np.ndim(sparsity) == 0:
+    sparsity = sparsity.item()
+  if not (
+    isinstance(sparsity, numbers.Real)
+    and not isinstance(sparsity, bool)
+    and 0 <= sparsity < 1
+  ):
     raise ValueError(
       f"oneshot.prune: sparsity={sparsity!r} must be a float in [0, 1) "
       "(the fraction of zeros)."
     )
+  if len(nm) == len(patterns):
+    for p in nm:
+      level = 1 - p.n / p.m
+      if not np.isclose(sparsity, level):
+        raise ValueError(
+          f"oneshot.prune: sparsity={sparsity} conflicts with {p!r} (whose "
+          f"sparsity is {level}); pass sparsity=None."
+        )
   return float(sparsity)
 
 
-def _check_allocation(allocation: Any, pattern: Pattern) -> OWL | None:
+def _check_allocation(allocation: Any, patterns: list[Pattern]) -> OWL | None:
   if allocation is None or allocation == "uniform":
     return None
   if isinstance(allocation, Uniform):
     return None
   if isinstance(allocation, OWL):
-    if not isinstance(pattern, Unstructured):
+    if not all(isinstance(p, Unstructured) for p in patterns):
       raise ValueError(
-        f"oneshot.prune: OWL allocates unstructured sparsity; {pattern!r} "
-        "fixes every layer's sparsity. Drop allocation= or the pattern."
+        "oneshot.prune: OWL allocates unstructured sparsity; an N:M pattern "
+        "fixes its layers' sparsity. Drop allocation= or the pattern."
       )
     return allocation
   raise ValueError(
@@ -106,7 +128,30 @@ def _check_allocation(allocation: Any, pattern: Pattern) -> OWL | None:
   )
 
 
+def _check_patterns(pattern: Any) -> list[Pattern]:
+  masking.check_pattern_spec(pattern, "oneshot.prune")
+  known = masking.known_patterns(pattern) or []
+  for p in known:
+    if not isinstance(p, (Unstructured, NM)):
+      raise ValueError(
+        f"oneshot.prune: pattern={p!r} is not supported; use "
+        "js.Unstructured() or js.NM(n, m)."
+      )
+    if isinstance(p, NM) and p.axis % 2 != 0:
+      raise ValueError(
+        f"oneshot.prune: {p!r} must group along the contraction (the rows K "
+        f"of each kernel matrix); use js.NM({p.n}, {p.m})."
+      )
+  return known
+
+
 def _first_batch(calibration: Iterable[Any]) -> Any:
+  if hasattr(calibration, "shape") and hasattr(calibration, "dtype"):
+    raise ValueError(
+      "oneshot.prune: `calibration` is one array of shape "
+      f"{tuple(calibration.shape)}; pass a list of input batches, e.g. [x] "
+      "or list(batches) (each element is one call of apply_fn)."
+    )
   if iter(calibration) is calibration:
     raise ValueError(
       "oneshot.prune: `calibration` is an iterator, which the per-group "
@@ -121,65 +166,110 @@ def _first_batch(calibration: Iterable[Any]) -> Any:
   )
 
 
+_NUMBERED = re.compile(r"^(\d+|.*_\d+)$")
+
+
+def block_of(path: str) -> str:
+  """The block a kernel belongs to: its path up to the first numbered
+  segment (``Block_0/Dense_1/kernel`` -> ``Block_0``, ``transformer/h/3/
+  attn/c_attn/kernel`` -> ``transformer/h/3``), else its module path."""
+  segments = path.split("/")
+  for i, segment in enumerate(segments[:-1]):
+    if _NUMBERED.match(segment):
+      return "/".join(segments[: i + 1])
+  return "/".join(segments[:-1]) or path
+
+
+class _Unit(NamedTuple):
+  """One kernel matrix to prune."""
+
+  layer: capture.Layer
+  index: tuple[int, ...]  # its coordinates along the stack axes
+  flat: int  # its flat matrix index
+
+
+def _units(layer: capture.Layer, leaf_shape) -> list[_Unit]:
+  sizes = [leaf_shape[a] for a in layer.layout.stack]
+  coords = list(np.ndindex(*sizes)) if sizes else [()]
+  return [_Unit(layer, tuple(c), i) for i, c in enumerate(coords)]
+
+
+def _group_key(unit: _Unit, group: Callable[[str], Any] | None):
+  """``(block name, scans, step)`` of a matrix: ``scans`` identifies the
+  scans over its stack (empty for a plain kernel), ``step`` its iteration."""
+  layer = unit.layer
+  base = block_of(layer.path) if group is None else group(layer.path)
+  if not layer.scanned:
+    return str(base), (), ()
+  where = [layer.layout.stack.index(a) for a in layer.scanned]
+  step = tuple(int(unit.index[w]) for w in where)
+  scans = layer.scans if group is None else (str(base),)
+  return f"{base}[{','.join(map(str, step))}]", scans, step
+
+
 def _groups(
-  layers: list[capture.DenseLayer], group: Callable[[str], Any] | None
-) -> dict[Any, list[capture.DenseLayer]]:
-  """Layers by group key, groups in the order of their first call."""
-  out: dict[Any, list[capture.DenseLayer]] = {}
-  for layer in layers:
-    if group is not None:
-      key = group(layer.path)
-    else:  # the top-level module; "" for a model that is one Dense layer
-      key = layer.module_path[0] if layer.module_path else ""
-    out.setdefault(key, []).append(layer)
-  return out
+  layers: list[capture.Layer], shapes: dict[str, tuple], group
+) -> dict[str, list[_Unit]]:
+  """Matrices by block; blocks in the order the forward pass reaches them
+  (a scan's iterations one after the other)."""
+  out: dict[str, list[_Unit]] = {}
+  order: dict[str, tuple] = {}
+  first_use: dict[Any, int] = {}
+  for position, layer in enumerate(layers):
+    for unit in _units(layer, shapes[layer.path]):
+      name, scans, step = _group_key(unit, group)
+      start = first_use.setdefault(scans, position) if scans else position
+      order.setdefault(name, (start, step))
+      out.setdefault(name, []).append(unit)
+  return dict(sorted(out.items(), key=lambda item: order[item[0]]))
 
 
-def _selected_layers(
-  apply_fn: capture.ApplyFn,
-  params: Params,
-  batch: Any,
-  where: Selection,
-  pattern: Pattern,
-) -> list[capture.DenseLayer]:
-  """The Dense layers to prune, in call order; checks ``where``/pattern."""
-  found = capture.dense_layers(apply_fn, params, batch)
-  called = {layer.path for layer in found}
-  if where is None:  # the Dense kernels the default selection accepts
-    default = default_where()
-    where = lambda path, leaf: path in called and default(path, leaf)
-  chosen = jax.tree.leaves(resolve_where(where, params, "oneshot.prune"))
-  selected = {p for p, c in zip(leaf_paths(params), chosen) if c}
-  missing = sorted(selected - called)
-  if missing:
-    raise ValueError(
-      f"oneshot.prune: {missing} are selected by `where` but are not the "
-      "kernel of an nn.Dense/nn.DenseGeneral that apply_fn calls; exclude "
-      "them with `where=` (e.g. a regex or a (path, leaf) predicate)."
+def _selection(
+  kernels: layout_lib.Kernels, params: Params, where: Selection
+) -> layout_lib.Kernels:
+  """The kernels ``where`` selects, each checked to be a kernel."""
+  if where is None:
+    return kernels
+  if isinstance(where, layout_lib.Kernels):
+    where = where.selected
+    chosen = set(where)
+  else:
+    flags = jax.tree.leaves(
+      masking.resolve_where(where, params, "oneshot.prune")
     )
-  layers = [layer for layer in found if layer.path in selected]
-  for layer in layers:
-    patterns_lib.check_leaf(
-      pattern, layer.shape, f"oneshot.prune: {layer.path}"
-    )
-  return layers
+    chosen = {p for p, c in zip(leaf_paths(params), flags) if c}
+  for path in sorted(chosen):
+    record = kernels[path]
+    if record.role != "kernel":
+      why = f" ({record.reason})" if record.reason else ""
+      raise ValueError(
+        f"oneshot.prune: {path} is selected by `where` but the model does "
+        f"not multiply by it as a kernel: its role is {record.role}{why} "
+        "(see js.find_kernels(apply_fn, params, x)); exclude it with "
+        "`where=`."
+      )
+  others = [p for p in kernels.selected if p not in chosen]
+  return layout_lib.Kernels(
+    {p: kernels[p] for p in kernels}, frozenset(others) | kernels.excluded
+  )
 
 
 def _owl_targets(
   owl: OWL,
-  groups: dict[Any, list[capture.DenseLayer]],
-  kernels: dict[str, Any],
+  groups: dict[str, list[_Unit]],
+  matrices: dict[tuple[str, int], Any],
   dense: dict[str, LayerStatistics],
   sparsity: float,
-) -> dict[Any, float]:
+) -> dict[str, float]:
   """OWL's sparsity per group from the dense model's Wanda scores."""
   ratios = [
     outlier_ratio(
       [
         rules.wanda_scores(
-          kernels[layer.path].reshape(layer.shape), dense[layer.path]
+          matrices[u.layer.path, u.flat],
+          capture.stack_index(dense[u.layer.path], u.index),
         )
-        for layer in members
+        for u in members
       ],
       owl.threshold_m,
     )
@@ -189,11 +279,7 @@ def _owl_targets(
   return dict(zip(groups, (float(s) for s in per_group)))
 
 
-def _error(
-  w: jax.Array, new: jax.Array, stats: LayerStatistics
-) -> float | None:
-  if stats.gram is None:
-    return None
+def _error(w: jax.Array, new: jax.Array, stats: LayerStatistics) -> float:
   hi = jax.lax.Precision.HIGHEST
   delta = w - new
   num = jnp.sum(delta * jnp.matmul(stats.gram, delta, precision=hi))
@@ -236,6 +322,20 @@ def _placed(x: jax.Array, *references: Any) -> jax.Array:
   return x
 
 
+def _matrices(kernel: Any, layout: layout_lib.Layout) -> jax.Array:
+  """The kernel's matrices ``[S, K, N]`` as float32 (on an Auto mesh)."""
+  w = _on_auto_mesh(jnp.asarray(kernel)).astype(jnp.float32)
+  if layout.is_plain(w.ndim):
+    return w[None]
+  return layout_lib.to_matrices(w, layout)
+
+
+def _from_matrices(m, layout, kernel):
+  if layout.is_plain(kernel.ndim):
+    return m[0]
+  return layout_lib.from_matrices(m, layout, kernel.shape)
+
+
 def prune(
   apply_fn: capture.ApplyFn,
   params: Params,
@@ -243,54 +343,55 @@ def prune(
   method: OneShotMethod,
   *,
   sparsity: float | None = None,
-  pattern: Pattern | None = None,
+  pattern: masking.PatternSpec | None = None,
   where: Selection = None,
   allocation: Any = None,
   sequential: bool = True,
   group: Callable[[str], Any] | None = None,
 ) -> OneShotResult:
-  """Prunes a trained linen model layer by layer from calibration data.
+  """Prunes a trained model layer by layer from calibration data.
 
-  For each group of Dense layers, in the order the forward pass first calls
-  them: gather the layers' input statistics on ``calibration`` (with every
-  earlier group already pruned when ``sequential``), then prune each kernel
-  ``W: [in, out]`` with ``method.prune_layer(W, stats, s_l, pattern)``.
+  For each block of kernel matrices, in the order the forward pass reaches
+  them: gather the matrices' input statistics on ``calibration`` (with
+  every earlier block already pruned when ``sequential``), then prune each
+  matrix ``W: [K, N]`` with ``method.prune_layer(W, stats, s_l, pattern)``.
 
   Args:
-    apply_fn: ``apply_fn(params, x)``, e.g. ``lambda p, x: model.apply(
-      {"params": p}, x)``; its ``nn.Dense``/``nn.DenseGeneral`` calls are
-      captured (see :mod:`jaxsparse.oneshot.capture`).
+    apply_fn: the model as ``apply_fn(params, x)``, e.g. ``lambda p, x:
+      model.apply({"params": p}, x)`` (linen), ``lambda s, x: nnx.merge(
+      graphdef, s)(x)`` (nnx) or ``lambda p, x: hf_model(x, params=p).logits``
+      (Hugging Face Flax); its kernels are found in its traced computation.
     params: the trained params.
     calibration: a re-iterable collection of input batches (a list, or
-      batches sharded over a data axis); iterated once per group.
+      batches sharded over a data axis); iterated once per block.
     method: :func:`~jaxsparse.oneshot.wanda`, ``magnitude()``,
       ``sparsegpt()``, ...
     sparsity: the target fraction of zeros in ``[0, 1)`` (static); ``None``
-      with an N:M ``pattern``.
-    pattern: ``js.Unstructured()`` (default) or ``js.NM(n, m)`` (groups of
-      ``m`` inputs, axis -2).
-    where: which kernels to prune (see :func:`jaxsparse.resolve_where`);
-      each must be the kernel of a Dense layer ``apply_fn`` calls. Default:
-      the kernels of every ``nn.Dense``/``nn.DenseGeneral`` that
-      ``apply_fn`` calls, minus embeddings (params such as a learned
-      position table are left alone).
-    allocation: ``None``/``"uniform"`` (every layer at ``sparsity``) or
-      :func:`~jaxsparse.oneshot.owl` (per-group sparsities from the dense
+      with N:M patterns only.
+    pattern: ``js.Unstructured()`` (default), ``js.NM(n, m)`` (groups of
+      ``m`` along each matrix's contraction), or per leaf: ``{regex:
+      pattern}`` or ``(path, leaf) -> pattern``.
+    where: which kernels to prune (see :func:`jaxsparse.masking.leaf_specs`);
+      each must be a kernel of the model. Default: every kernel
+      :func:`jaxsparse.find_kernels` finds (embeddings, biases, norms and
+      position tables are left alone).
+    allocation: ``None``/``"uniform"`` (every matrix at ``sparsity``) or
+      :func:`~jaxsparse.oneshot.owl` (per-block sparsities from the dense
       model's outlier ratios; unstructured only).
-    sequential: gather each group's statistics from the partly pruned model
+    sequential: gather each block's statistics from the partly pruned model
       (default, as the papers do); ``False`` gathers them once from the
       dense model.
-    group: ``path -> key`` grouping kernels pruned from one statistics pass
-      (``path`` is ``Block_0/Dense_0/kernel``); default: the top-level
-      module of the layer (``Block_0``).
+    group: ``path -> key`` grouping kernels pruned from one statistics pass;
+      default :func:`block_of`. A scanned stack adds its iteration (one
+      block per layer of the stack).
 
   Returns:
     :class:`OneShotResult` ``(params, masks, layers)``.
 
   Raises:
-    ValueError: bad ``sparsity``/``pattern``/``allocation``, empty
-      ``calibration``, ``where`` selecting nothing, or a selected param that
-      is not a kernel ``apply_fn`` calls through a Dense layer.
+    ValueError: bad ``sparsity``/``pattern``/``allocation``, an empty or
+      single-array ``calibration``, ``where`` selecting nothing, or a
+      selected param that the model does not multiply by as a kernel.
 
   Examples:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -305,76 +406,108 @@ def prune(
     [0.5, 0.5]
   """
   pattern = Unstructured() if pattern is None else pattern
-  patterns_lib.check_pattern(pattern)
-  if not isinstance(pattern, (Unstructured, NM)):
-    raise ValueError(
-      f"oneshot.prune: pattern={pattern!r} is not supported; use "
-      "js.Unstructured() or js.NM(n, m)."
-    )
-  if isinstance(pattern, NM) and pattern.axis != -2:
-    raise ValueError(
-      f"oneshot.prune: {pattern!r} must group along the reduction axis; use "
-      f"js.NM({pattern.n}, {pattern.m}) (axis=-2)."
-    )
-  target = _check_sparsity(sparsity, pattern)
-  owl = _check_allocation(allocation, pattern)
+  known = _check_patterns(pattern)
+  target = _check_sparsity(sparsity, known)
+  owl = _check_allocation(allocation, known)
   first = _first_batch(calibration)
 
-  flat, treedef = jax.tree_util.tree_flatten(params)
+  kernels = layout_lib.find_kernels(apply_fn, params, first)
+  selection = _selection(kernels, params, where)
+  specs = masking.leaf_specs(selection, params, "oneshot.prune", pattern)
+  flat_specs = jax.tree.leaves(specs)
   paths = leaf_paths(params)
-  layers = _selected_layers(apply_fn, params, first, where, pattern)
-  groups = _groups(layers, group)
-  gram = method.needs_gram
+  spec_of = {p: s for p, s in zip(paths, flat_specs) if s is not False}
+  for path, spec in spec_of.items():
+    if target is None and not isinstance(spec.pattern, NM):
+      raise ValueError(
+        f"oneshot.prune: {path} has pattern {spec.pattern!r}; pass "
+        "sparsity= for it."
+      )
+  flat, treedef = jax.tree_util.tree_flatten(params)
+  shapes = {p: tuple(jnp.shape(x)) for p, x in zip(paths, flat)}
+  layers = [
+    layer
+    for layer in capture.layers(apply_fn, params, first)
+    if layer.path in spec_of
+  ]
+  groups = _groups(layers, shapes, group)
 
+  current = list(flat)
+  index = {p: i for i, p in enumerate(paths)}
+  stats_paths = [layer.path for layer in layers]
   dense = None
   if owl is not None or not sequential:
     dense = capture.layer_statistics(
-      apply_fn,
-      params,
-      calibration,
-      [layer.path for layer in layers],
-      gram=gram and not sequential,
+      apply_fn, params, calibration, stats_paths, gram=True
     )
-  targets = {key: target for key in groups}
+
+  def level(unit: _Unit) -> float:
+    p = spec_of[unit.layer.path].pattern
+    return 1 - p.n / p.m if isinstance(p, NM) else target
+
+  targets = {name: target for name in groups}
   if owl is not None:
-    kernels = {p: k for p, k in zip(paths, flat)}
-    targets = _owl_targets(owl, groups, kernels, dense, target)
+    matrices = {
+      (layer.path, i): m
+      for layer in layers
+      for i, m in enumerate(_matrices(current[index[layer.path]], layer.layout))
+    }
+    targets = _owl_targets(owl, groups, matrices, dense, target)
 
   prune_layer = jax.jit(method.prune_layer, static_argnums=(2, 3))
-  current = list(flat)
   masks: list[Any] = [None] * len(flat)
   results: dict[str, LayerResult] = {}
-  for index, (key, members) in enumerate(groups.items()):
-    if not sequential:
+  for position, (name, members) in enumerate(groups.items()):
+    if not sequential or (position == 0 and dense is not None):
       stats = dense
-    elif index == 0 and dense is not None and not gram:
-      stats = dense  # the dense pass already saw the unpruned model
     else:
       stats = capture.layer_statistics(
         apply_fn,
         jax.tree_util.tree_unflatten(treedef, current),
         calibration,
-        [layer.path for layer in members],
-        gram=gram,
+        sorted({u.layer.path for u in members}),
+        gram=True,
       )
-    for layer in members:
-      i = paths.index(layer.path)
-      kernel = current[i]
-      w = _on_auto_mesh(jnp.asarray(kernel))
-      w = w.reshape(layer.shape).astype(jnp.float32)
-      layer_stats = jax.tree.map(_on_auto_mesh, stats[layer.path])
-      new, mask = prune_layer(w, layer_stats, targets[key], pattern)
-      new = jnp.where(mask, new, jnp.zeros_like(new))
-      place = (kernel, stats[layer.path].sum)
-      new = new.astype(kernel.dtype).reshape(kernel.shape)
-      current[i] = _placed(new, *place)
-      masks[i] = _placed(mask.reshape(kernel.shape), *place)
-      results[layer.path] = LayerResult(
-        group=str(key),
-        target=targets[key],
-        sparsity=1.0 - float(np.asarray(mask).mean()),
-        error=_error(w, new, layer_stats),
+    by_leaf: dict[str, list[_Unit]] = {}
+    for unit in members:
+      by_leaf.setdefault(unit.layer.path, []).append(unit)
+    for path, units in by_leaf.items():
+      i = index[path]
+      kernel, layout = current[i], units[0].layer.layout
+      mats = _matrices(kernel, layout)
+      keep = (
+        _matrices(masks[i], layout).astype(bool)
+        if masks[i] is not None
+        else jnp.ones(mats.shape, bool)
       )
+      spec = spec_of[path]
+      for unit in units:
+        w = mats[unit.flat]
+        layer_stats = jax.tree.map(
+          _on_auto_mesh, capture.stack_index(stats[path], unit.index)
+        )
+        goal = level(unit) if targets[name] is None else targets[name]
+        if isinstance(spec.pattern, NM):
+          goal = level(unit)
+        new, mask = prune_layer(w, layer_stats, goal, spec.pattern)
+        new = jnp.where(mask, new, jnp.zeros_like(new))
+        mats = mats.at[unit.flat].set(new)
+        keep = keep.at[unit.flat].set(mask)
+        label = (
+          path
+          if len(units) == 1 and not layout.stack
+          else (f"{path}[{unit.flat}]")
+        )
+        results[label] = LayerResult(
+          group=name,
+          target=float(goal),
+          sparsity=1.0 - float(np.asarray(mask).mean()),
+          error=_error(w, new, layer_stats),
+        )
+      place = (kernel, stats[path].sum)
+      new_kernel = _from_matrices(mats, layout, kernel).astype(kernel.dtype)
+      current[i] = _placed(new_kernel, *place)
+      masks[i] = _placed(_from_matrices(keep, layout, kernel), *place)
   return OneShotResult(
     params=jax.tree_util.tree_unflatten(treedef, current),
     masks=jax.tree_util.tree_unflatten(treedef, masks),

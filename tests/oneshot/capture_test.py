@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
+import jaxsparse as js
 from jaxsparse import oneshot
+from jaxsparse.oneshot import capture
 from tests import oneshot as tiny
 
 
@@ -43,19 +45,19 @@ class CaptureTest(absltest.TestCase):
       self, stats[path], tiny.reference_inputs(params, xs[:1])[path], False
     )
 
-  def test_dense_layers_in_call_order(self):
+  def test_layers_in_call_order(self):
     params, xs = tiny.setup()
-    layers = oneshot.dense_layers(tiny.apply_fn, params, xs[0])
+    layers = oneshot.layers(tiny.apply_fn, params, xs[0])
     self.assertEqual([layer.path for layer in layers], tiny.KERNELS)
     self.assertEqual(layers[0].shape, (16, 32))
-    self.assertEqual(layers[1].module_path, ("Block_0", "Dense_1"))
+    self.assertEqual(layers[1].layout, js.Layout((0,)))
     self.assertEqual(layers[-1].shape, (16, 8))
     self.assertEqual({layer.calls for layer in layers}, {1})
 
   def test_variables_tree_with_params_prefix(self):
     params, xs = tiny.setup()
     variables = {"params": params}
-    layers = oneshot.dense_layers(
+    layers = oneshot.layers(
       lambda v, x: tiny.MODEL.apply(v, x), variables, xs[0]
     )
     self.assertEqual(
@@ -81,7 +83,7 @@ class CaptureTest(absltest.TestCase):
     assert_stats(
       self, stats["Dense_0/kernel"], np.concatenate([first, second]), False
     )
-    (layer,) = oneshot.dense_layers(apply, params, x)
+    (layer,) = oneshot.layers(apply, params, x)
     self.assertEqual(layer.calls, 2)
 
   def test_dense_general_contracting_axes(self):
@@ -94,37 +96,62 @@ class CaptureTest(absltest.TestCase):
         model = nn.DenseGeneral((5, 2), axis=axis)
         params = model.init(jax.random.key(1), x)["params"]
         apply = lambda p, x, model=model: model.apply({"params": p}, x)
-        (layer,) = oneshot.dense_layers(apply, params, x)
+        (layer,) = oneshot.layers(apply, params, x)
         self.assertEqual(layer.shape, (rows.shape[1], 10))
         stats = oneshot.layer_statistics(
           apply, params, [x], ["kernel"], gram=True
         )
         assert_stats(self, stats["kernel"], rows)
 
-  def test_dense_general_batch_dims_is_an_error(self):
+  def test_dense_general_batch_dims_gives_one_matrix_per_batch_entry(self):
+    # Before, capture refused batch_dims; a batch axis of the kernel indexes
+    # separate matrices, each with its own inputs.
     model = nn.DenseGeneral(3, axis=-1, batch_dims=(0,))
-    x = jnp.ones((2, 4))
-    params = model.init(jax.random.key(0), x)["params"]
+    x = jax.random.normal(jax.random.key(0), (2, 5, 4))
+    params = model.init(jax.random.key(1), x)["params"]
     apply = lambda p, x: model.apply({"params": p}, x)
-    with self.assertRaisesRegex(ValueError, "batch_dims"):
-      oneshot.layer_statistics(apply, params, [x], ["kernel"])
+    (layer,) = oneshot.layers(apply, params, x)
+    self.assertEqual(layer.layout, js.Layout((1,), (0,)))
+    self.assertEqual((layer.shape, layer.matrices), ((4, 3), 2))
+    stats = oneshot.layer_statistics(apply, params, [x], ["kernel"], gram=True)
+    for b in range(2):
+      assert_stats(self, capture.stack_index(stats["kernel"], (b,)), x[b])
 
-  def test_dense_inside_remat_is_a_clear_error(self):
-    class Remat(nn.Module):
+  def test_dense_inside_remat_and_scan_is_captured(self):
+    # Before, lifted transforms were refused; now a remat'd layer is read
+    # inside the remat, and a scanned stack gives statistics per layer.
+    class Layer(nn.Module):
+      @nn.compact
+      def __call__(self, x, _):
+        return jnp.tanh(nn.Dense(4)(x)), None
+
+    class Stack(nn.Module):
       @nn.compact
       def __call__(self, x):
-        return nn.remat(nn.Dense)(4)(x)
+        scan = nn.scan(
+          nn.remat(Layer),
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          length=3,
+        )
+        return scan()(x, None)[0]
 
-    model = Remat()
-    x = jnp.ones((3, 4))
-    params = model.init(jax.random.key(0), x)["params"]
+    model = Stack()
+    x = jax.random.normal(jax.random.key(0), (5, 4))
+    params = model.init(jax.random.key(1), x)["params"]
     apply = lambda p, x: model.apply({"params": p}, x)
-    with self.assertRaisesRegex(ValueError, "nn.remat"):
-      oneshot.layer_statistics(apply, params, [x], ["CheckpointDense_0/kernel"])
+    path = "ScanCheckpointLayer_0/Dense_0/kernel"
+    stats = oneshot.layer_statistics(apply, params, [x], [path], gram=True)
+    dense = params["ScanCheckpointLayer_0"]["Dense_0"]
+    h = np.asarray(x, np.float64)
+    for i in range(3):
+      assert_stats(self, capture.stack_index(stats[path], (i,)), h)
+      w = np.asarray(dense["kernel"][i], np.float64)
+      h = np.tanh(h @ w + np.asarray(dense["bias"][i], np.float64))
 
   def test_uncalled_path_and_empty_calibration_are_errors(self):
     params, xs = tiny.setup()
-    with self.assertRaisesRegex(ValueError, "Block_0/Dense_0/bias"):
+    with self.assertRaisesRegex(ValueError, "Block_0/Dense_0/bias.*never"):
       oneshot.layer_statistics(
         tiny.apply_fn, params, xs, ["Block_0/Dense_0/bias"]
       )
