@@ -68,17 +68,19 @@ class NnxMLP(nnx.Module):
     return self.layers[1](x)
 
 
-def make_masks(params, pattern, in_axes=None):
-  """Masks on every kernel, built on its 2-D ``[in, out]`` view."""
-  in_axes = in_axes or {}
+def make_masks(params, pattern, kernels=None):
+  """Masks on every kernel, built on the matrices ``[K, N]`` of its layout
+  (from ``kernels``, else ``[..., in, out]``)."""
 
   def mask(path, w):
     path = js.masking.path_str(path)
     if path.split("/")[-1] != "kernel":
       return None
-    k = int(np.prod(w.shape[: in_axes.get(path, 1)]))
-    scores = jnp.abs(w.astype(jnp.float32)).reshape(k, -1)
-    return js.patterns.select(pattern, scores, 0.5).reshape(w.shape)
+    layout = js.layout.leaf_layout(kernels, path, w.shape)
+    scores = jnp.abs(w.astype(jnp.float32))
+    return js.layout.on_matrices(
+      lambda s: js.patterns.select(pattern, s, 0.5), layout, scores
+    )
 
   return jax.tree_util.tree_map_with_path(mask, params)
 
@@ -156,9 +158,13 @@ class LinenTest(parameterized.TestCase):
     model = Attention()
     x = inputs((2, 8, 32))
     params = model.init(jax.random.key(0), x)["params"]
-    in_axes = {"out/kernel": 2}
-    masks = make_masks(params, pattern, in_axes)
-    packed = jsnn.pack(params, masks, pattern, in_axes=in_axes)
+    kernels = js.find_kernels(
+      lambda p, x: model.apply({"params": p}, x), params, x
+    )
+    self.assertEqual(kernels["out/kernel"].layout.contract, (0, 1))
+    self.assertEqual(kernels["query/kernel"].layout.contract, (0,))
+    masks = make_masks(params, pattern, kernels)
+    packed = jsnn.pack(params, masks, pattern, kernels=kernels)
     self.assertIsInstance(packed["query"]["kernel"], jsnn.PackedKernel)
     self.assertEqual(packed["out"]["kernel"].packed.shape, (32, 32))
     self.assertEqual(packed["mix"]["kernel"].shape, (32, 16))
@@ -169,20 +175,49 @@ class LinenTest(parameterized.TestCase):
       jsnn.unpack(packed), js.apply_masks(params, masks)
     )
 
-  def test_context_manager_around_apply(self):
-    model = LinenMLP()
+  def test_other_collections_and_mutable(self):
+    # Before, js.nn.apply took {"params": ...} only: a model with
+    # batch_stats could not run packed without hand-written code.
+    class Net(nn.Module):
+      @nn.compact
+      def __call__(self, x, train):
+        x = nn.Dense(32)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(16)(nn.relu(x))
+
+    model = Net()
     x = inputs((3, 32))
-    params = model.init(jax.random.key(0), x)["params"]
+    variables = model.init(jax.random.key(0), x, train=False)
+    params, stats = variables["params"], variables["batch_stats"]
     masks = make_masks(params, js.NM(2, 4))
     packed = jsnn.pack(params, masks, js.NM(2, 4))
-
-    @jax.jit
-    def run(p, x):
-      with jsnn.sparse_inference(impl="reference"):
-        return model.apply({"params": p}, x)
-
-    expected = model.apply({"params": js.apply_masks(params, masks)}, x)
-    chex.assert_trees_all_close(run(packed, x), expected, rtol=1e-5, atol=1e-5)
+    masked = {"params": js.apply_masks(params, masks), "batch_stats": stats}
+    for train in (False, True):
+      run = jax.jit(
+        lambda p, x, train=train: jsnn.apply(
+          model,
+          p,
+          x,
+          variables={"batch_stats": stats},
+          train=train,
+          mutable=["batch_stats"] if train else False,
+          impl="reference",
+        )
+      )
+      expected = model.apply(
+        masked, x, train=train, mutable=["batch_stats"] if train else False
+      )
+      chex.assert_trees_all_close(
+        run(packed, x), expected, rtol=1e-5, atol=1e-5
+      )
+    # The same model as a function of its params.
+    fn = lambda p, x: model.apply({"params": p, "batch_stats": stats}, x, False)
+    chex.assert_trees_all_close(
+      jsnn.apply(fn, packed, x),
+      model.apply(masked, x, train=False),
+      rtol=1e-5,
+      atol=1e-5,
+    )
 
   def test_partly_packed_params(self):
     model = LinenMLP()
@@ -317,15 +352,19 @@ class ErrorTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "js.nn.pack: .*structure"):
       jsnn.pack(self.params, masks, js.NM(2, 4))
 
-  def test_in_axes_naming_no_kernel(self):
+  def test_mask_on_a_leaf_the_model_does_not_multiply_by(self):
+    kernels = js.find_kernels(
+      lambda p, x: self.model.apply({"params": p}, x), self.params, self.x
+    )
     masks = make_masks(self.params, js.NM(2, 4))
-    with self.assertRaisesRegex(ValueError, "in_axes names .*Dense_9"):
-      jsnn.pack(self.params, masks, js.NM(2, 4), in_axes={"Dense_9/kernel": 2})
+    masks["Dense_0"]["bias"] = jnp.ones(32, bool)
+    with self.assertRaisesRegex(ValueError, "Dense_0/bias.*dense"):
+      jsnn.pack(self.params, masks, js.NM(2, 4), kernels=kernels)
 
   def test_mask_on_bias_names_the_leaf(self):
     masks = make_masks(self.params, js.NM(2, 4))
     masks["Dense_0"]["bias"] = jnp.ones(32, bool)
-    with self.assertRaisesRegex(ValueError, "Dense_0/bias.*not a Dense"):
+    with self.assertRaisesRegex(ValueError, "Dense_0/bias.*not a kernel"):
       jsnn.pack(self.params, masks, js.NM(2, 4))
 
   def test_shape_not_divisible_names_the_leaf(self):
@@ -336,25 +375,35 @@ class ErrorTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "Dense_0/kernel.*not tiled"):
       jsnn.pack(params, masks, js.Block(4, 4))
 
-  def test_dense_general_packed_with_wrong_in_axes(self):
+  def test_dense_general_packed_without_its_layout(self):
     model = Attention()
     x = inputs((2, 8, 32))
     params = model.init(jax.random.key(0), x)["params"]
-    masks = make_masks(params, js.NM(2, 4))  # "out" as [4, 8 * 32]
-    packed = jsnn.pack(params, masks, js.NM(2, 4))  # in_axes 1 for "out"
-    with self.assertRaisesRegex(ValueError, "out .*in_axes={'out/kernel': 2}"):
+    masks = make_masks(params, js.NM(2, 4))  # [..., in, out] layouts
+    packed = jsnn.pack(params, masks, js.NM(2, 4))  # query as [32 * 4, 8]
+    with self.assertRaisesRegex(
+      ValueError,
+      r"query/kernel was packed with contraction axes \(0, 1\)"
+      r".*contracts \(0,\).*find_kernels",
+    ):
       jsnn.apply(model, packed, x)
 
-  def test_packed_conv_kernel_is_refused_at_apply(self):
+  def test_conv_kernels_are_refused_with_the_leaf_named(self):
+    # Before, packing a conv kernel said "input size K=3 is not a multiple
+    # of m=4"; now the layout says it is a convolution.
     model = nn.Conv(8, (3, 3))
     x = inputs((1, 6, 6, 4))
     params = model.init(jax.random.key(0), x)["params"]
-    mask = jnp.ones((3, 3, 4, 8), bool)
-    packed = jsnn.pack(
-      params, {"kernel": mask, "bias": None}, js.Block(4, 8), in_axes=3
+    masks = {"kernel": jnp.ones((3, 3, 4, 8), bool), "bias": None}
+    kernels = js.find_kernels(
+      lambda p, x: model.apply({"params": p}, x), params, x
     )
+    with self.assertRaisesRegex(ValueError, "kernel: is a convolution"):
+      jsnn.pack(params, masks, js.NM(2, 4), kernels=kernels)
+    # Packed without the model's layouts, the conv refuses it when run.
+    packed = jsnn.pack(params, masks, js.Block(4, 8))
     with self.assertRaisesRegex(
-      ValueError, "Conv.*only the kernel of nn.Dense"
+      ValueError, "kernel is packed .*conv_general_dilated"
     ):
       jsnn.apply(model, packed, x)
 

@@ -144,37 +144,11 @@ def add_statistics(a: LayerStatistics, b: LayerStatistics) -> LayerStatistics:
   return jax.tree.map(jnp.add, a, b)
 
 
-class _Unsupported(ValueError):
-  pass
-
-
-def _dot_rows(eqn, values, origin, kernel_index, leaf_shape):
-  """The layer inputs of a ``dot_general`` as ``([*batch, *tokens, K],
-  batch leaf axes)``."""
-  operands = tracing.dot_operands(eqn)
-  _, k_contract, k_batch = operands[kernel_index]
-  _, x_contract, x_batch = operands[1 - kernel_index]
-  x = values[1 - kernel_index]
-  if any(len(origin.axes[d]) != 1 for d in k_batch):
-    raise _Unsupported("a dot_general whose batch axis spans several axes")
-  batch_axes = [origin.axes[d][0] for d in k_batch]
-  order = sorted(range(len(x_batch)), key=lambda j: batch_axes[j])
-  rest = [d for d in range(x.ndim) if d not in x_batch]
-  x = jnp.moveaxis(x, [x_batch[j] for j in order], list(range(len(order))))
-  contract = [len(order) + rest.index(d) for d in x_contract]
-  rows, axes = tracing.split_to_leaf_axes(
-    x, contract, origin, k_contract, leaf_shape
-  )
-  k = int(np.prod([leaf_shape[a] for a in axes]))
-  lead = rows.shape[: rows.ndim - len(axes)]
-  return rows.reshape(*lead, k), tuple(sorted(batch_axes))
-
-
 def _conv_rows(eqn, values, origin, leaf_shape):
   """The input patches of a convolution as ``[*tokens, K]``."""
   p = eqn.params
   if p["feature_group_count"] != 1 or p.get("batch_group_count", 1) != 1:
-    raise _Unsupported("a grouped convolution (feature_group_count > 1)")
+    raise tracing.Unsupported("a grouped convolution (feature_group_count > 1)")
   dims = p["dimension_numbers"]
   out_dim, in_dim, spatial = tracing.conv_kernel_dims(eqn)
   del out_dim
@@ -226,12 +200,12 @@ class StatisticsHooks(tracing.Hooks):
       shape = self.leaf_shapes[origin.leaf]
       try:
         if eqn.primitive.name == "dot_general":
-          rows, batch = _dot_rows(eqn, values, origin, index, shape)
+          rows, batch = tracing.dot_rows(eqn, values, origin, index, shape)
         elif index == 1:
           rows, batch = _conv_rows(eqn, values, origin, shape), ()
         else:
           continue
-      except _Unsupported as e:
+      except tracing.Unsupported as e:
         raise ValueError(
           f"oneshot: {path} is consumed by {e}, which one-shot capture does "
           "not support; exclude it with `where=`."
