@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
+from jaxtyping import ArrayLike
 
 from jaxsparse import tracing
 from jaxsparse.paths import path_str
@@ -111,8 +112,9 @@ def _order(layout: Layout, ndim: int) -> tuple[int, ...]:
   return (*layout.stack, *layout.contract, *layout.outputs(ndim))
 
 
-def to_matrices(x: jax.Array, layout: Layout) -> jax.Array:
-  """The leaf as its matrices ``[S, K, N]`` (``S`` = number of matrices)."""
+def to_matrices(x: ArrayLike, layout: Layout) -> ArrayLike:
+  """The leaf as its matrices ``[S, K, N]`` (``S`` = number of matrices);
+  a NumPy array stays one."""
   order = _order(layout, x.ndim)
   k, n = layout.matrix_shape(x.shape)
   moved = x if order == tuple(range(x.ndim)) else x.transpose(order)
@@ -120,8 +122,8 @@ def to_matrices(x: jax.Array, layout: Layout) -> jax.Array:
 
 
 def from_matrices(
-  m: jax.Array, layout: Layout, shape: Sequence[int]
-) -> jax.Array:
+  m: ArrayLike, layout: Layout, shape: Sequence[int]
+) -> ArrayLike:
   """Inverse of :func:`to_matrices` for a leaf of ``shape``."""
   order = _order(layout, len(shape))
   moved = m.reshape([shape[a] for a in order])

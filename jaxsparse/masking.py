@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jaxtyping import Array, ArrayLike, PyTree
 
 from jaxsparse import allocation as allocation_lib
@@ -154,7 +155,7 @@ def check_pattern_spec(pattern: Any, method: str) -> None:
     patterns_lib.check_pattern(pattern)
 
 
-def _leaf_pattern(
+def leaf_pattern(
   pattern: Any, path: str, leaf: Any, method: str
 ) -> patterns_lib.Pattern:
   if isinstance(pattern, patterns_lib.PATTERNS):
@@ -240,7 +241,7 @@ def leaf_specs(
       )
     shape = tuple(jnp.shape(leaf))
     layout = layout_lib.leaf_layout(where, path, shape)
-    spec = LeafSpec(path, _leaf_pattern(pattern, path, leaf, method), layout)
+    spec = LeafSpec(path, leaf_pattern(pattern, path, leaf, method), layout)
     check_spec(spec, shape, method)
     specs.append(spec)
   return jax.tree_util.tree_unflatten(treedef, specs)
@@ -322,16 +323,53 @@ def init_masks(params: Params, chosen: PyTree) -> MaskTree:
   )
 
 
+def _is_masked_node(node: Any) -> bool:
+  return isinstance(node, optax.MaskedNode)
+
+
+def _mask_leaf(node: Any) -> bool:
+  return node is None or _is_masked_node(node) or _is_nnx_variable(node)
+
+
+def _by_path(masks: MaskTree) -> dict[str, Any]:
+  """``{path: mask or None}``; nnx Variables read, optax ``MaskedNode``s
+  (the leaves ``multi_transform`` hides from a partition) are ``None``."""
+  flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_mask_leaf)[0]
+  out = {}
+  for key, leaf in flat:
+    leaf = _unwrap(leaf)
+    out[path_str(key)] = None if _is_masked_node(leaf) else leaf
+  return out
+
+
+def treedef_leaves(params: Params, masks: MaskTree) -> list[Any]:
+  """The mask leaves (``None`` included) aligned with the params' leaves.
+
+  Leaves are matched by their normalised paths, so a linen dict, an
+  ``nnx.State`` (with or without ``Variable`` wrappers) and a pure dict of
+  the same params match each other.
+
+  Raises:
+    ValueError: naming the paths that only one of the trees has.
+  """
+  paths = leaf_paths(params)
+  found = _by_path(masks)
+  if set(paths) != set(found):
+    missing = sorted(set(paths) - set(found))
+    extra = sorted(set(found) - set(paths))
+    raise ValueError(
+      "the mask tree does not have the params' structure: params without a "
+      f"mask entry {missing[:5]}, mask entries without a param {extra[:5]}; "
+      "build it with js.masks(opt_state) or shaped like the params (None "
+      "where a param stays dense)."
+    )
+  return [found[p] for p in paths]
+
+
 def check_masks(params: Params, masks: MaskTree) -> None:
   """Raises ``ValueError`` naming the leaf where ``masks`` does not fit."""
   flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
-  try:
-    flat_masks = treedef_leaves(params, masks)
-  except ValueError as e:
-    raise ValueError(
-      f"the mask tree does not have the params' structure ({e}); build it "
-      "with js.masks(opt_state) or with the same tree as the params."
-    ) from None
+  flat_masks = treedef_leaves(params, masks)
   for (path, p), m in zip(flat_params, flat_masks):
     if m is None:
       continue
@@ -347,17 +385,26 @@ def check_masks(params: Params, masks: MaskTree) -> None:
       )
 
 
-def treedef_leaves(params: Params, masks: MaskTree) -> list[Any]:
-  """The mask leaves (``None`` included) aligned with the params' leaves."""
-  leaves = []
-  jax.tree.map(lambda _, m: leaves.append(m), params, masks)
-  return leaves
+def map_masked(
+  fn: Callable[[Any, Any], Any], params: Params, masks: MaskTree
+) -> PyTree:
+  """``fn(param, mask)`` on every leaf (mask ``None`` where dense), as a
+  params-shaped tree; masks matched by path (see :func:`treedef_leaves`)."""
+  leaves, treedef = jax.tree.flatten(params)
+  aligned = treedef_leaves(params, masks)
+  return jax.tree.unflatten(
+    treedef, [fn(p, m) for p, m in zip(leaves, aligned)]
+  )
 
 
 def apply_masks(params: Params, masks: MaskTree) -> Params:
-  """Zeroes the pruned entries: ``where(mask, p, 0)`` (``None`` keeps ``p``)."""
+  """Zeroes the pruned entries: ``where(mask, p, 0)`` (``None`` keeps ``p``).
+
+  ``params`` may be any pytree (a linen dict, an ``nnx.State``), and
+  ``masks`` any tree with the same paths (``js.masks(opt_state)``).
+  """
   check_masks(params, masks)
-  return jax.tree.map(
+  return map_masked(
     lambda p, m: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
     params,
     masks,
@@ -495,6 +542,7 @@ def masks(opt_state: PyTree) -> MaskTree:
   """The mask tree from any optimizer state holding a jaxsparse method.
 
   Works through ``optax.chain``, ``optax.inject_hyperparams``,
+  ``optax.multi_transform`` (a partition's hidden leaves are ``None``),
   ``js.sparsify``, ``nnx.Optimizer`` and any other nesting: it finds every
   state with a ``masks`` field. Several sparsity transforms on disjoint params
   are merged leaf by leaf.
@@ -514,7 +562,11 @@ def masks(opt_state: PyTree) -> MaskTree:
       "jaxsparse method."
     )
   trees = [
-    jax.tree.map(_unwrap, node.masks, is_leaf=_is_nnx_variable)
+    jax.tree.map(
+      lambda x: None if _is_masked_node(x) else _unwrap(x),
+      node.masks,
+      is_leaf=lambda x: _is_nnx_variable(x) or _is_masked_node(x),
+    )
     for node in found
   ]
   if len(trees) == 1:

@@ -1,10 +1,12 @@
 """Per-layer sparsity report."""
 
+import warnings
 from typing import NamedTuple
 
 import jax
 import numpy as np
 
+from jaxsparse import layout as layout_lib
 from jaxsparse import masking as masks_lib
 from jaxsparse import patterns as patterns_lib
 from jaxsparse.types import MaskTree, Params
@@ -20,7 +22,10 @@ class LayerRecord(NamedTuple):
     density: kept fraction of the mask (1.0 for unmasked params).
     nnz: nonzero entries of the param.
     size: entries of the param.
-    pattern_ok: the mask obeys the pattern and the param is 0 where pruned.
+    pattern_ok: the mask obeys the pattern on each matrix of the leaf's
+      layout, and the param is 0 where pruned.
+    matrices: the leaf's matrices (``"[K=8, N=16]"``, ``"3 x [...]"`` for a
+      stack), ``""`` for unmasked params.
   """
 
   path: str
@@ -30,6 +35,7 @@ class LayerRecord(NamedTuple):
   nnz: int
   size: int
   pattern_ok: bool
+  matrices: str = ""
 
 
 class Summary(NamedTuple):
@@ -43,12 +49,22 @@ class Summary(NamedTuple):
 
 
 def _table(records: list[LayerRecord]) -> str:
-  header = ("path", "shape", "pattern", "density", "nnz", "size", "check")
+  header = (
+    "path",
+    "shape",
+    "pattern",
+    "matrices",
+    "density",
+    "nnz",
+    "size",
+    "check",
+  )
   rows = [
     (
       r.path,
       "x".join(map(str, r.shape)) or "()",
       r.pattern,
+      r.matrices,
       f"{r.density:.4f}",
       str(r.nnz),
       str(r.size),
@@ -62,6 +78,7 @@ def _table(records: list[LayerRecord]) -> str:
   rows.append(
     (
       "total (masked)",
+      "",
       "",
       "",
       f"{kept / max(total, 1):.4f}",
@@ -83,17 +100,28 @@ def _table(records: list[LayerRecord]) -> str:
 def summary(
   params: Params,
   masks: MaskTree,
-  pattern: patterns_lib.Pattern = patterns_lib.Unstructured(),
+  pattern: masks_lib.PatternSpec = patterns_lib.Unstructured(),
+  *,
+  kernels: layout_lib.Kernels | None = None,
 ) -> Summary:
   """A per-layer table of shapes, densities, nonzeros and pattern checks.
 
   Args:
-    params: the (sparse) params.
-    masks: their mask tree (e.g. ``js.masks(opt_state)``).
-    pattern: the pattern each mask should obey.
+    params: the (sparse) params: any pytree (linen dict, ``nnx.State``).
+    masks: their mask tree (e.g. ``js.masks(opt_state)``), matched to the
+      params by path.
+    pattern: the pattern each mask should obey (one for all, ``{regex:
+      pattern}`` or ``(path, leaf) -> pattern``), checked on each matrix of
+      the leaf's layout.
+    kernels: the model's kernels (:func:`jaxsparse.find_kernels`), for
+      their layouts; default ``[..., in, out]``.
 
   Returns:
     A :class:`Summary`; ``print`` it for the table, or read ``.records``.
+
+  Warns:
+    UserWarning: a masked layer (or one matrix of a stack) keeps nothing,
+      so its output no longer depends on its input.
 
   Examples:
     >>> import jax.numpy as jnp, jaxsparse as js
@@ -105,28 +133,42 @@ def summary(
   masks_lib.check_masks(params, masks)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   mask_leaves = masks_lib.treedef_leaves(params, masks)
-  records = []
-  for (path, p), m in zip(flat, mask_leaves):
+  records, empty = [], []
+  for (key, p), m in zip(flat, mask_leaves):
+    path = masks_lib.path_str(key)
     p = np.asarray(jax.device_get(p))
     nnz = int(np.count_nonzero(p))
     if m is None:
       records.append(
-        LayerRecord(
-          masks_lib.path_str(path), p.shape, "dense", 1.0, nnz, p.size, True
-        )
+        LayerRecord(path, p.shape, "dense", 1.0, nnz, p.size, True)
       )
       continue
     m = np.asarray(jax.device_get(m), bool)
-    ok = patterns_lib.follows(pattern, m) and not np.any(p[~m])
+    leaf_pattern = masks_lib.leaf_pattern(pattern, path, p, "js.summary")
+    layout = layout_lib.leaf_layout(kernels, path, p.shape)
+    spec = masks_lib.LeafSpec(path, leaf_pattern, layout)
+    ok = spec.follows(m) and not np.any(p[~m])
+    matrices = np.asarray(layout_lib.to_matrices(m, layout))
+    if m.size and not matrices.reshape(matrices.shape[0], -1).any(1).all():
+      empty.append(path)
     records.append(
       LayerRecord(
-        masks_lib.path_str(path),
+        path,
         p.shape,
-        repr(pattern),
+        repr(leaf_pattern),
         float(m.mean()) if m.size else 1.0,
         nnz,
         p.size,
         ok,
+        layout.describe(p.shape),
       )
+    )
+  if empty:
+    warnings.warn(
+      f"js.summary: {empty} keep no weight (in a whole layer or in one "
+      "matrix of a stack): their outputs no longer depend on their inputs. "
+      "Lower the sparsity, or give those layers a floor (e.g. exclude them "
+      "from a global threshold with `where=`).",
+      stacklevel=2,
     )
   return Summary(records, _table(records))

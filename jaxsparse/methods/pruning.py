@@ -453,7 +453,7 @@ def fixed_masks(masks: MaskTree) -> optax.GradientTransformationExtraArgs:
 
   def init_fn(params: Params) -> MagnitudePruningState:
     masks_lib.check_masks(params, masks)
-    placed = jax.tree.map(  # on the params' devices and sharding
+    placed = masks_lib.map_masked(  # on the params' devices and sharding
       lambda p, m: None if m is None else jnp.ones_like(p, dtype=bool) & m,
       params,
       masks,
