@@ -403,10 +403,17 @@ def walk_eqn(eqn, origins, leaf_shapes, uses, record) -> list[Origin | None]:
       if o is not None:
         record(o.leaf, Use("other", primitive="scan carry"))
       inner_origins.append(None)
-    for o in origins[nc + ncarry :]:
-      inner_origins.append(None if o is None else scanned_origin(o, id(eqn)))
-    _returned(walk(body, inner_origins, leaf_shapes, uses), record, "scan")
-    return [None] * len(eqn.outvars)
+    x_origins = [
+      None if o is None else scanned_origin(o, id(eqn))
+      for o in origins[nc + ncarry :]
+    ]
+    outs = walk(body, inner_origins + x_origins, leaf_shapes, uses)
+    through = passed_through(outs[ncarry:], x_origins, origins[nc + ncarry :])
+    _returned(outs[:ncarry], record, "scan")
+    _returned(
+      [o for o, t in zip(outs[ncarry:], through) if t is None], record, "scan"
+    )
+    return [None] * ncarry + through
   if name == "while":
     cn, bn = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
     carry = origins[cn + bn :]
@@ -438,6 +445,21 @@ def walk_eqn(eqn, origins, leaf_shapes, uses, record) -> list[Origin | None]:
   for leaf, use in found:
     record(leaf, use)
   return outs
+
+
+def passed_through(
+  ys: Sequence[Origin | None],
+  x_origins: Sequence[Origin | None],
+  outer: Sequence[Origin | None],
+) -> list[Origin | None]:
+  """The outer origins of scan outputs that return an ``xs`` slice as it
+  came in (nnx scans hand their layers' state back): stacked again, the
+  output is the scanned param itself."""
+  out = []
+  for y in ys:
+    hit = [o for x, o in zip(x_origins, outer) if y is not None and y == x]
+    out.append(hit[0] if hit else None)
+  return out
 
 
 def _returned(origins, record, where: str) -> None:
@@ -685,6 +707,12 @@ class Hooks:
     return None
 
   def materialize(self, value: Any) -> Any:
+    """An array for ``value`` where an op consumes it as written."""
+    return value
+
+  def output(self, value: Any, origin: Origin | None) -> Any:
+    """An array for ``value`` returned by the model."""
+    del origin
     return value
 
   def rescan(self, value: Any, origin: Origin) -> Any:
@@ -769,7 +797,7 @@ class Interpreter:
     name = eqn.primitive.name
     none = [None] * len(eqn.outvars)
     if name == "scan":
-      return self.scan(eqn, values, origins, collect), none
+      return self.scan(eqn, values, origins, collect)
     if name == "while":
       return self.while_loop(eqn, values, origins, collect), none
     if name == "cond":
@@ -818,19 +846,27 @@ class Interpreter:
       key.leaf == leaf and key.indexed[: len(ix)] == ix for leaf, ix in made
     )
 
+    through: list[Origin | None] = []
+
     def step(carry, x):
       x = [
         v if o is None else self.hooks.rescan(v, o)
         for v, o in zip(x, x_origins)
       ]
       found: Collected = {}
-      outs, _ = self.run(
+      outs, out_origins = self.run(
         body, body_consts, [*consts, *carry, *x], in_origins, found
       )
-      outs = self._materialized(outs)
+      through[:] = passed_through(
+        out_origins[ncarry:], x_origins, origins[nc + ncarry :]
+      )
+      ys = [
+        y if t is not None else self.hooks.materialize(y)
+        for y, t in zip(outs[ncarry:], through)
+      ]
       stacked = {k: v for k, v in found.items() if per_layer(k)}
       summed = {k: v for k, v in found.items() if not per_layer(k)}
-      return outs[:ncarry], outs[ncarry:], stacked, summed
+      return self._materialized(outs[:ncarry]), ys, stacked, summed
 
     first = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs
@@ -854,7 +890,7 @@ class Interpreter:
     )
     add_collected(collect, stacked)
     add_collected(collect, total)
-    return [*carry_out, *ys]
+    return [*carry_out, *ys], [None] * ncarry + list(through)
 
   def while_loop(self, eqn, values, origins, collect):
     p = eqn.params

@@ -32,7 +32,7 @@ import jax
 from jaxsparse import layout as layout_lib
 from jaxsparse import tracing
 from jaxsparse.kernels import ops, packing
-from jaxsparse.nn.packing import PackedKernel, is_packed
+from jaxsparse.nn.packing import PackedKernel, is_packed, unpack_matrices
 from jaxsparse.paths import leaf_paths
 
 # Ops that relabel a packed kernel without computing on its values.
@@ -157,6 +157,15 @@ class PackedHooks(tracing.Hooks):
       self._refuse(value, "an operation that is not a matmul")
     return value
 
+  def output(self, value: Any, origin: tracing.Origin | None) -> Any:
+    """A packed kernel the model returns (e.g. nnx state) comes back dense."""
+    if not isinstance(value, Deferred):
+      return value
+    dense = unpack_matrices(value.packed)
+    flat = dense.reshape(-1, *dense.shape[-2:])
+    full = layout_lib.from_matrices(flat, value.layout, value.shape)
+    return tracing.leaf_view(full, origin).astype(value.dtype)
+
   def scan_input(self, value: Any, origin: tracing.Origin) -> Any:
     if isinstance(value, Deferred):
       remaining = [a for a in value.layout.stack if a not in origin.indexed]
@@ -249,11 +258,15 @@ def apply(
   ]
   inputs = jax.tree.leaves(args)
   interpreter = tracing.Interpreter(traced.leaf_shapes, PackedHooks(impl))
-  outs, _ = interpreter.run(
+  outs, out_origins = interpreter.run(
     traced.jaxpr.jaxpr,
     traced.jaxpr.consts,
     [*values, *inputs],
     [*origins, *[None] * len(inputs)],
     {},
   )
+  outs = [
+    interpreter.hooks.output(out, origin)
+    for out, origin in zip(outs, out_origins)
+  ]
   return jax.tree.unflatten(traced.out_tree, outs)
