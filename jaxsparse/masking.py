@@ -385,6 +385,24 @@ def check_masks(params: Params, masks: MaskTree) -> None:
       )
 
 
+def check_same_params(masks: MaskTree, params: Params, method: str) -> None:
+  """Raises ``ValueError`` if ``update`` got other params than ``init``.
+
+  ``masks`` is the method's state (built from the params ``init`` saw); a
+  different tree (e.g. ``init`` on ``variables["params"]``, ``update`` on
+  the whole ``variables``) is named path by path.
+  """
+  found = set(_by_path(masks))
+  paths = set(_by_path(params))
+  if found != paths:
+    raise ValueError(
+      f"{method}: update got params with other leaves than init: "
+      f"{sorted(paths - found)[:5]} are new, {sorted(found - paths)[:5]} are "
+      "gone; pass update the same tree as init (e.g. variables['params'] "
+      "both times)."
+    )
+
+
 def map_masked(
   fn: Callable[[Any, Any], Any], params: Params, masks: MaskTree
 ) -> PyTree:

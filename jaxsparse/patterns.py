@@ -95,9 +95,15 @@ def check_pattern(pattern: object) -> None:
     if not (isinstance(pattern.n, int) and isinstance(pattern.m, int)):
       raise ValueError(f"{pattern!r}: n and m must be Python ints.")
     if not 0 < pattern.n <= pattern.m:
-      raise ValueError(
-        f"{pattern!r}: need 0 < n <= m (n kept out of every m); "
+      swapped = 0 < pattern.m < pattern.n
+      hint = (
         f"did you mean NM({pattern.m}, {pattern.n})?"
+        if swapped
+        else "n is the number kept per group, at least 1 (to prune a layer "
+        "entirely, exclude it with `where=`)."
+      )
+      raise ValueError(
+        f"{pattern!r}: need 0 < n <= m (n kept out of every m); {hint}"
       )
     if pattern.m > 16:
       raise ValueError(f"{pattern!r}: m must be at most 16.")

@@ -280,6 +280,7 @@ def acdc(
     del extra_args
     if params is None:
       raise ValueError(NO_PARAMS.format(name="acdc"))
+    masks_lib.check_same_params(state.masks, params, "acdc")
     count = state.count
     sparse = schedule.is_sparse(count)
     was_sparse = schedule.is_sparse(count - 1)

@@ -389,6 +389,7 @@ def _dynamic(
     del extra_args
     if params is None:
       raise ValueError(NO_PARAMS.format(name=name))
+    masks_lib.check_same_params(state.masks, params, name)
     if grow == "gradient" and grads is None:
       raise ValueError(NEEDS_GRADS.format(name=name))
     count = state.count
@@ -796,6 +797,7 @@ def snfs(
     del extra_args
     if params is None:
       raise ValueError(NO_PARAMS.format(name=name))
+    masks_lib.check_same_params(state.masks, params, name)
     if grads is None:
       raise ValueError(NEEDS_GRADS.format(name=name))
     count = state.count
@@ -1065,6 +1067,7 @@ def srigl(
     del extra_args
     if params is None:
       raise ValueError(NO_PARAMS.format(name=name))
+    masks_lib.check_same_params(state.masks, params, name)
     if grads is None:
       raise ValueError(NEEDS_GRADS.format(name=name))
     count = state.count

@@ -140,6 +140,7 @@ def _fixed_mask_transform(
     del extra_args
     if params is None:
       raise ValueError(NO_PARAMS.format(name=name))
+    masks_lib.check_same_params(state.masks, params, name)
     updates = masks_lib.project_updates(updates, params, state.masks)
     return updates, state._replace(count=optax.safe_increment(state.count))
 

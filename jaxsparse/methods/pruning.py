@@ -187,6 +187,7 @@ def _score_pruning(
     del extra_args
     if params is None:
       raise ValueError(NO_PARAMS.format(name=name))
+    masks_lib.check_same_params(state.masks, params, name)
     target = schedules.value_at(sparsity, state.count)
 
     # Scores read the current params only: closing over `updates` would make
@@ -469,6 +470,7 @@ def fixed_masks(masks: MaskTree) -> optax.GradientTransformationExtraArgs:
     del extra_args
     if params is None:
       raise ValueError(NO_PARAMS.format(name="fixed_masks"))
+    masks_lib.check_same_params(state.masks, params, "fixed_masks")
     updates = masks_lib.project_updates(updates, params, state.masks)
     return updates, state._replace(count=optax.safe_increment(state.count))
 

@@ -218,6 +218,7 @@ def lobster(
     del extra_args
     if params is None:
       raise ValueError(NO_PARAMS.format(name="lobster"))
+    masks_lib.check_same_params(state.masks, params, "lobster")
     if grads is None:
       raise ValueError(LOBSTER_NEEDS_GRADS)
     count = state.count
@@ -433,6 +434,7 @@ def group_lasso(
     del extra_args
     if params is None:
       raise ValueError(NO_PARAMS.format(name="group_lasso"))
+    masks_lib.check_same_params(state.masks, params, "group_lasso")
     count = state.count
     tau = schedules.value_at(learning_rate, count) * schedules.value_at(
       strength, count

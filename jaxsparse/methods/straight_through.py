@@ -206,6 +206,7 @@ def _straight_through(
     del extra_args
     if params is None:
       raise ValueError(NO_PARAMS.format(name=name))
+    masks_lib.check_same_params(state.masks, params, name)
     if decay is not None and grads is None:
       raise ValueError(NEEDS_SPARSIFY.format(name=name))
     zero = _opaque_zero(state.count)

@@ -194,30 +194,50 @@ def _units(layer: capture.Layer, leaf_shape) -> list[_Unit]:
   return [_Unit(layer, tuple(c), i) for i, c in enumerate(coords)]
 
 
-def _group_key(unit: _Unit, group: Callable[[str], Any] | None):
+def _group_key(unit: _Unit, group: Callable[[str], Any] | None, prefixes):
   """``(block name, scans, step)`` of a matrix: ``scans`` identifies the
   scans over its stack (empty for a plain kernel), ``step`` its iteration."""
   layer = unit.layer
-  base = block_of(layer.path) if group is None else group(layer.path)
   if not layer.scanned:
+    base = block_of(layer.path) if group is None else group(layer.path)
     return str(base), (), ()
   where = [layer.layout.stack.index(a) for a in layer.scanned]
   step = tuple(int(unit.index[w]) for w in where)
-  scans = layer.scans if group is None else (str(base),)
+  if group is None:
+    base, scans = prefixes[layer.scans], layer.scans
+  else:
+    base = group(layer.path)
+    scans = (str(base),)
   return f"{base}[{','.join(map(str, step))}]", scans, step
+
+
+def _common_prefix(paths: list[str]) -> str:
+  split = [p.split("/")[:-1] for p in paths]
+  common = []
+  for parts in zip(*split):
+    if len(set(parts)) > 1:
+      break
+    common.append(parts[0])
+  return "/".join(common) or paths[0]
 
 
 def _groups(
   layers: list[capture.Layer], shapes: dict[str, tuple], group
 ) -> dict[str, list[_Unit]]:
   """Matrices by block; blocks in the order the forward pass reaches them
-  (a scan's iterations one after the other)."""
+  (a scan's iterations one after the other, named by the common path of
+  the kernels it slices)."""
+  by_scan: dict[Any, list[str]] = {}
+  for layer in layers:
+    if layer.scanned:
+      by_scan.setdefault(layer.scans, []).append(layer.path)
+  prefixes = {s: _common_prefix(paths) for s, paths in by_scan.items()}
   out: dict[str, list[_Unit]] = {}
   order: dict[str, tuple] = {}
   first_use: dict[Any, int] = {}
   for position, layer in enumerate(layers):
     for unit in _units(layer, shapes[layer.path]):
-      name, scans, step = _group_key(unit, group)
+      name, scans, step = _group_key(unit, group, prefixes)
       start = first_use.setdefault(scans, position) if scans else position
       order.setdefault(name, (start, step))
       out.setdefault(name, []).append(unit)

@@ -41,9 +41,18 @@ def model(name):
 
 
 @functools.cache
-def kernels(name):
+def all_kernels(name):
   m = model(name)
   return js.find_kernels(m.apply_fn, m.params, m.batch)
+
+
+def kernels(name):
+  """The kernels the zoo sparsifies (a subset for large models)."""
+  found, subset = all_kernels(name), model(name).subset
+  if subset is None:
+    return found
+  drop = [p for p in found.selected if not re.search(subset, p)]
+  return found.exclude(*(f"^{re.escape(p)}$" for p in drop))
 
 
 def nm_kernels(name, m=4, packable=False):
@@ -78,7 +87,7 @@ def loss_fn(apply_fn, batch):
 class KernelsTest(parameterized.TestCase):
   @parameterized.named_parameters((n, n) for n in NAMES)
   def test_layouts_and_dense_leaves(self, name):
-    m, found = model(name), kernels(name)
+    m, found = model(name), all_kernels(name)
     self.assertGreaterEqual(len(found.selected), 2, str(found))
     for path, contract in m.layouts.items():
       with self.subTest(path):
@@ -206,11 +215,6 @@ class OneShotTest(parameterized.TestCase):
     make, pattern = ONESHOT[method]
     nm = isinstance(pattern, js.NM)
     where = nm_kernels(name) if nm else kernels(name)
-    if m.oneshot_where:
-      keep = [p for p in where.selected if re.search(m.oneshot_where, p)]
-      where = where.exclude(
-        *(f"^{re.escape(p)}$" for p in where.selected if p not in keep)
-      )
     result = js.oneshot.prune(
       m.apply_fn,
       m.params,
