@@ -10,6 +10,10 @@ count:
   the sum of their entries' scores.
 * :class:`Channel`: whole slices along ``axis`` (output channels by
   default), scored by the sum over every other axis.
+
+The functions here act on the array they are given; methods give them each
+kernel matrix ``[K, N]`` of a leaf (see :mod:`jaxsparse.layout`), so the last
+two axes are the contraction and the outputs.
 """
 
 from typing import NamedTuple, TypeAlias
@@ -46,8 +50,10 @@ class Unstructured(NamedTuple):
 class NM(NamedTuple):
   """``n`` kept entries in every group of ``m`` along ``axis``.
 
-  Flax kernels are ``[..., in, out]``, so the default ``axis=-2`` groups along
-  the reduction (input) dimension, as sparse tensor cores require.
+  Methods apply a pattern to each kernel matrix ``[K, N]`` of a leaf's
+  :class:`~jaxsparse.layout.Layout`, so the default ``axis=-2`` groups
+  along the contraction ``K``, as sparse tensor cores require, whatever the
+  leaf's own shape (attention, ``Einsum``, transposed or stacked kernels).
   """
 
   n: int

@@ -916,7 +916,7 @@ def constant_fan_in_rewire(
   ``|g|`` among the rest (just-dropped included) back to ``k_a``.
 
   Args:
-    mask: the layer's mask (Flax layout ``[..., out]``).
+    mask: the layer's mask, one kernel matrix ``[K, N]``.
     weights: the layer's params.
     grow_scores: ``|g|`` of the dense gradient.
     drop_fraction: ``f``.
@@ -975,8 +975,8 @@ def srigl(
 ) -> optax.GradientTransformationExtraArgs:
   """SRigL: RigL with a constant fan-in per neuron, and neuron ablation.
 
-  Every output neuron (last axis of a Flax kernel; its fan-in is the
-  product of the other axes) has the same number ``k = fan_in - round(s
+  Every output neuron (a column of each kernel matrix ``[K, N]`` of the
+  leaf's layout; its fan-in is ``K``) has the same number ``k = fan_in - round(s
   fan_in)`` of active weights, starting from a random constant fan-in mask
   at ``begin_step``. Every ``update_every`` steps before ``end_step``
   (:func:`constant_fan_in_rewire`) each neuron drops its ``floor(f_t k)``
