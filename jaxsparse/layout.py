@@ -285,6 +285,44 @@ class Kernels(Mapping):
       chosen.update(hits)
     return Kernels(self._records, frozenset(chosen))
 
+  def with_layouts(self, layouts: Mapping[str, Layout]) -> "Kernels":
+    """The same kernels, with the given leaves made kernels of the given
+    layouts (a layout stated by hand, where tracing cannot see it)."""
+    records = dict(self._records)
+    for path, lay in layouts.items():
+      if path not in records:
+        raise ValueError(
+          f"Kernels.with_layouts: {path!r} is not a params path; the paths "
+          f"are {list(records)[:10]}..."
+        )
+      record = records[path]
+      check_layout(lay, record.shape, path)
+      records[path] = record._replace(role="kernel", layout=lay, reason="")
+    return Kernels(records, self.excluded)
+
+  @classmethod
+  def guess(cls, params: Any) -> "Kernels":
+    """Kernels from names and shapes alone (no model): the leaves
+    :func:`jaxsparse.default_where` selects, each ``[..., in, out]``
+    (:func:`default_layout`). Correct layouts by hand with
+    :meth:`with_layouts`; prefer :func:`find_kernels` when the model can be
+    traced."""
+    from jaxsparse.masking import default_where  # noqa: PLC0415
+
+    rule = default_where()
+    records = {}
+    for key, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+      path, shape = path_str(key), tuple(leaf.shape)
+      chosen = rule(path, leaf)
+      records[path] = Kernel(
+        path,
+        shape,
+        "kernel" if chosen else "dense",
+        default_layout(shape) if chosen else None,
+        (),
+      )
+    return cls(records)
+
   def __call__(self, path: str, leaf: Any) -> bool:
     """As a ``where`` predicate: whether ``path`` is a selected kernel."""
     del leaf

@@ -122,6 +122,19 @@ class FindKernelsTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "js.Kernels found on other"):
       tx.init({"w": jnp.ones((4, 4))})
 
+  def test_layouts_given_by_hand(self):
+    params = {"attn": {"out": jnp.ones((4, 8, 32))}, "b": jnp.ones(4)}
+    guessed = js.Kernels.guess(params)
+    self.assertEqual(guessed.selected, ("attn/out",))
+    self.assertEqual(guessed["attn/out"].layout, js.Layout((0, 1)))
+    fixed = guessed.with_layouts({"attn/out": js.Layout((1,), (0,))})
+    tx = js.magnitude_pruning(0.5, where=fixed)
+    masks = js.masks(tx.update(params, tx.init(params), params)[1])
+    # Four matrices [8, 32], each keeping exactly half.
+    np.testing.assert_array_equal(masks["attn"]["out"].sum((1, 2)), 128)
+    with self.assertRaisesRegex(ValueError, "not a params path"):
+      guessed.with_layouts({"nope": js.Layout((0,))})
+
 
 class AttentionKernelsTest(absltest.TestCase):
   def test_sparsegpt_prunes_multi_axis_dense_general(self):
