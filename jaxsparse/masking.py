@@ -331,7 +331,7 @@ def _mask_leaf(node: Any) -> bool:
   return node is None or _is_masked_node(node) or _is_nnx_variable(node)
 
 
-def _by_path(masks: MaskTree) -> dict[str, Any]:
+def _by_path(masks: PyTree) -> dict[str, Any]:
   """``{path: mask or None}``; nnx Variables read, optax ``MaskedNode``s
   (the leaves ``multi_transform`` hides from a partition) are ``None``."""
   flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_mask_leaf)[0]
